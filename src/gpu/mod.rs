@@ -1,0 +1,626 @@
+//! The one thin module that owns the wgpu surface: adapter choice, device limits and features,
+//! buffers, the pipeline cache, dispatch recording, submission, read-back and GPU timing.
+//! Everything above this module (ops, model) speaks in [`Gpu`], [`Kernel`], [`Dispatch`] and
+//! [`wgpu::Buffer`] only.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+pub use wgpu::Buffer;
+
+mod tensor;
+pub use tensor::{Nhwc, Tensor};
+
+/// How to choose the adapter.
+#[derive(Debug, Clone, Default)]
+pub struct GpuOptions {
+    /// An adapter index (as listed by `marrow info`) or a case-insensitive substring of its name.
+    /// Falls back to the `MARROW_ADAPTER` environment variable.
+    pub adapter: Option<String>,
+    /// Accept an OpenGL/GLES adapter. Off by default: wgpu silently picks OpenGL on llvmpipe when
+    /// no Vulkan driver is installed, which is far slower and lacks storage-buffer limits we need.
+    pub allow_gl: bool,
+}
+
+/// What `marrow info` prints and what every report carries.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AdapterReport {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub driver_info: String,
+    pub vendor: u32,
+    pub device: u32,
+    /// True for a CPU implementation (lavapipe / llvmpipe / WARP / SwiftShader).
+    pub software: bool,
+}
+
+/// Optional capabilities the engine uses when present, with a plain path when absent.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct GpuCaps {
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub timestamps: bool,
+    pub max_storage_binding: u64,
+    pub max_buffer_size: u64,
+    pub max_workgroup_storage: u32,
+    pub max_invocations: u32,
+}
+
+/// A WGSL kernel family: one `.wgsl` file from `shaders/` and one entry point.
+/// Variants are made by prepending `const NAME: TYPE = VALUE;` lines (see [`Gpu::pipeline`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Kernel {
+    pub name: &'static str,
+    pub source: &'static str,
+    pub entry: &'static str,
+}
+
+/// One recorded compute dispatch: a pipeline, its bind group and a grid.
+pub struct Dispatch {
+    pub label: String,
+    pipeline: Arc<wgpu::ComputePipeline>,
+    bind_group: wgpu::BindGroup,
+    workgroups: [u32; 3],
+}
+
+type PipelineKey = (&'static str, String);
+
+pub struct Gpu {
+    // Kept alive for the adapter's and device's lifetime.
+    _instance: wgpu::Instance,
+    pub adapter: wgpu::Adapter,
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub report: AdapterReport,
+    pub caps: GpuCaps,
+    pub limits: wgpu::Limits,
+    pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+    lost: Arc<AtomicBool>,
+    lost_reason: Arc<Mutex<String>>,
+    uncaptured: Arc<Mutex<Option<String>>>,
+}
+
+fn backend_mask(allow_gl: bool) -> wgpu::Backends {
+    let from_env = wgpu::Backends::from_env();
+    let mut b = from_env.unwrap_or(wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12);
+    if allow_gl {
+        b |= wgpu::Backends::GL;
+    } else if from_env.is_none() {
+        b.remove(wgpu::Backends::GL);
+    }
+    b
+}
+
+fn report_of(info: &wgpu::AdapterInfo) -> AdapterReport {
+    let lname = info.name.to_lowercase();
+    let software = info.device_type == wgpu::DeviceType::Cpu
+        || ["llvmpipe", "lavapipe", "swiftshader", "warp", "software"]
+            .iter()
+            .any(|s| lname.contains(s));
+    AdapterReport {
+        name: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        driver: info.driver.clone(),
+        driver_info: info.driver_info.clone(),
+        vendor: info.vendor,
+        device: info.device,
+        software,
+    }
+}
+
+/// Lists every adapter wgpu can see on the allowed backends (for `marrow info`).
+pub fn list_adapters(allow_gl: bool) -> Vec<AdapterReport> {
+    let instance = new_instance(allow_gl);
+    pollster::block_on(instance.enumerate_adapters(backend_mask(allow_gl)))
+        .iter()
+        .map(|a| report_of(&a.get_info()))
+        .collect()
+}
+
+fn new_instance(allow_gl: bool) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backend_mask(allow_gl);
+    wgpu::Instance::new(desc)
+}
+
+fn rank(info: &wgpu::AdapterInfo) -> u32 {
+    match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+impl Gpu {
+    /// Opens the best adapter (discrete > integrated > virtual > CPU), or the one `opts` names.
+    pub fn new(opts: &GpuOptions) -> Result<Gpu> {
+        let instance = new_instance(opts.allow_gl);
+        let adapters = pollster::block_on(instance.enumerate_adapters(backend_mask(opts.allow_gl)));
+        let adapters: Vec<wgpu::Adapter> = adapters
+            .into_iter()
+            .filter(|a| opts.allow_gl || a.get_info().backend != wgpu::Backend::Gl)
+            .collect();
+        if adapters.is_empty() {
+            return Err(Error::NoAdapter(
+                "no Vulkan, Metal or DX12 adapter found. On Linux without a GPU install Mesa's \
+                 software Vulkan driver (Debian: apt-get install mesa-vulkan-drivers), or pass \
+                 --allow-gl to accept an OpenGL adapter"
+                    .into(),
+            ));
+        }
+        let selector = opts
+            .adapter
+            .clone()
+            .or_else(|| std::env::var("MARROW_ADAPTER").ok())
+            .filter(|s| !s.is_empty());
+        let adapter = match selector {
+            Some(sel) => {
+                let found = if let Ok(i) = sel.parse::<usize>() {
+                    adapters.into_iter().nth(i)
+                } else {
+                    let l = sel.to_lowercase();
+                    adapters
+                        .into_iter()
+                        .find(|a| a.get_info().name.to_lowercase().contains(&l))
+                };
+                found.ok_or_else(|| {
+                    Error::NoAdapter(format!(
+                        "no adapter matches {sel:?}; `marrow info` lists them"
+                    ))
+                })?
+            }
+            None => {
+                let mut v = adapters;
+                v.sort_by_key(|a| rank(&a.get_info()));
+                v.into_iter().next().expect("non-empty")
+            }
+        };
+        let info = adapter.get_info();
+        let report = report_of(&info);
+        let have = adapter.features();
+        let want = wgpu::Features::SHADER_F16
+            | wgpu::Features::SUBGROUP
+            | wgpu::Features::TIMESTAMP_QUERY
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+        let features = have & want;
+        // The adapter's real limits: wgpu's defaults cap storage bindings at 128 MiB and buffers at
+        // 256 MiB, and full-size FPN levels and conv weights approach those.
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("marrow device"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::Gpu(format!("requesting a device from {}: {e}", info.name)))?;
+
+        let lost = Arc::new(AtomicBool::new(false));
+        let lost_reason = Arc::new(Mutex::new(String::new()));
+        {
+            let lost = lost.clone();
+            let lost_reason = lost_reason.clone();
+            device.set_device_lost_callback(move |reason, msg| {
+                lost.store(true, Ordering::SeqCst);
+                *lost_reason.lock().unwrap_or_else(|e| e.into_inner()) = format!("{reason:?}: {msg}");
+            });
+        }
+        let uncaptured = Arc::new(Mutex::new(None));
+        {
+            let slot = uncaptured.clone();
+            device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                let mut s = slot.lock().unwrap_or_else(|e| e.into_inner());
+                if s.is_none() {
+                    *s = Some(e.to_string());
+                }
+            }));
+        }
+        let caps = GpuCaps {
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            max_storage_binding: limits.max_storage_buffer_binding_size as u64,
+            max_buffer_size: limits.max_buffer_size,
+            max_workgroup_storage: limits.max_compute_workgroup_storage_size,
+            max_invocations: limits.max_compute_invocations_per_workgroup,
+        };
+        Ok(Gpu {
+            _instance: instance,
+            adapter,
+            device,
+            queue,
+            report,
+            caps,
+            limits,
+            pipelines: Mutex::new(HashMap::new()),
+            lost,
+            lost_reason,
+            uncaptured,
+        })
+    }
+
+    /// Device loss or an uncaptured error becomes an `Err` here; called after every wait.
+    pub fn check(&self) -> Result<()> {
+        if self.lost.load(Ordering::SeqCst) {
+            let why = self.lost_reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            return Err(Error::DeviceLost(why));
+        }
+        if let Some(e) = self.uncaptured.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            if e.to_lowercase().contains("out of memory") {
+                return Err(Error::OutOfMemory(e));
+            }
+            return Err(Error::Gpu(e));
+        }
+        Ok(())
+    }
+
+    /// A storage buffer of `bytes` bytes (rounded up to 4, at least 4), checked against the
+    /// device's binding limit so that an absurd input is an error, not a wgpu panic.
+    pub fn storage(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
+        let size = bytes.max(4).div_ceil(4) * 4;
+        if size > self.caps.max_storage_binding || size > self.caps.max_buffer_size {
+            return Err(Error::TooLarge(format!(
+                "{label}: {size} bytes exceeds this adapter's storage binding limit of {} bytes",
+                self.caps.max_storage_binding.min(self.caps.max_buffer_size)
+            )));
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::OutOfMemory(format!("{label} ({size} bytes): {e}")));
+        }
+        Ok(buf)
+    }
+
+    /// A storage buffer initialised from `data`.
+    pub fn upload<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> Result<wgpu::Buffer> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let buf = self.storage(label, bytes.len() as u64)?;
+        if !bytes.is_empty() {
+            self.queue.write_buffer(&buf, 0, bytes);
+        }
+        Ok(buf)
+    }
+
+    /// A small uniform buffer holding kernel parameters (shapes are uniforms, not constants, where
+    /// they change per image).
+    pub fn uniform<T: bytemuck::Pod>(&self, label: &str, data: &T) -> wgpu::Buffer {
+        let bytes = bytemuck::bytes_of(data);
+        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: (bytes.len() as u64).div_ceil(16) * 16,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.queue.write_buffer(&buf, 0, bytes);
+        buf
+    }
+
+    /// The compiled pipeline for `kernel` with `consts` prepended as WGSL `const` declarations.
+    /// Cached by (kernel, consts). A WGSL error is reported with the kernel's name and variant.
+    pub fn pipeline(
+        &self,
+        kernel: &Kernel,
+        consts: &[(&str, ConstVal)],
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let mut header = String::new();
+        for (k, v) in consts {
+            header.push_str(&format!("const {k}: {} = {};\n", v.ty(), v.lit()));
+        }
+        let key = (kernel.name, header.clone());
+        if let Some(p) = self.pipelines.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(p.clone());
+        }
+        let label = if header.is_empty() {
+            kernel.name.to_string()
+        } else {
+            format!("{}[{}]", kernel.name, header.replace('\n', " ").trim())
+        };
+        let body = preprocess(kernel.source, consts).map_err(|message| Error::Shader {
+            kernel: label.clone(),
+            message,
+        })?;
+        let source = format!("{header}{body}");
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(&label),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&label),
+                layout: None,
+                module: &module,
+                entry_point: Some(kernel.entry),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Shader {
+                kernel: label,
+                message: e.to_string(),
+            });
+        }
+        let p = Arc::new(pipeline);
+        self.pipelines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, p.clone());
+        Ok(p)
+    }
+
+    /// Number of pipelines compiled so far (the cache's size; tests check reuse).
+    pub fn pipeline_count(&self) -> usize {
+        self.pipelines.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Records one dispatch. Binding 0 is `params` when given (a uniform); the storage buffers
+    /// follow at bindings 1, 2, … in the order of `buffers`, as every kernel in `shaders/` declares.
+    pub fn dispatch(
+        &self,
+        label: impl Into<String>,
+        pipeline: &Arc<wgpu::ComputePipeline>,
+        params: Option<&wgpu::Buffer>,
+        buffers: &[&wgpu::Buffer],
+        workgroups: [u32; 3],
+    ) -> Result<Dispatch> {
+        let label = label.into();
+        let max = self.limits.max_compute_workgroups_per_dimension;
+        if workgroups.iter().any(|&w| w > max) {
+            return Err(Error::TooLarge(format!(
+                "{label}: grid {workgroups:?} exceeds the adapter's {max} workgroups per dimension"
+            )));
+        }
+        let layout = pipeline.get_bind_group_layout(0);
+        let mut entries = Vec::with_capacity(buffers.len() + 1);
+        if let Some(p) = params {
+            entries.push(wgpu::BindGroupEntry {
+                binding: 0,
+                resource: p.as_entire_binding(),
+            });
+        }
+        for (i, b) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: b.as_entire_binding(),
+            });
+        }
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&label),
+            layout: &layout,
+            entries: &entries,
+        });
+        Ok(Dispatch {
+            label,
+            pipeline: pipeline.clone(),
+            bind_group,
+            workgroups,
+        })
+    }
+
+    /// Records `dispatches` into one compute pass (wgpu inserts the storage barriers between
+    /// dispatches) and submits them in one submission; waits for completion.
+    pub fn run<'a>(
+        &self,
+        label: &str,
+        dispatches: impl IntoIterator<Item = &'a Dispatch>,
+    ) -> Result<()> {
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(label),
+                timestamp_writes: None,
+            });
+            for d in dispatches {
+                if d.workgroups.contains(&0) {
+                    continue;
+                }
+                pass.set_pipeline(&d.pipeline);
+                pass.set_bind_group(0, &d.bind_group, &[]);
+                pass.dispatch_workgroups(d.workgroups[0], d.workgroups[1], d.workgroups[2]);
+            }
+        }
+        self.queue.submit([enc.finish()]);
+        self.wait()
+    }
+
+    /// Blocks until all submitted work is done; device loss / errors become `Err`.
+    pub fn wait(&self) -> Result<()> {
+        let r = self.device.poll(wgpu::PollType::Wait {
+            submission_index: None,
+            timeout: Some(Duration::from_secs(600)),
+        });
+        self.check()?;
+        r.map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        Ok(())
+    }
+
+    /// Times each dispatch in its own pass with timestamp queries (GPU time, seconds). Falls back
+    /// to wall clock around submit+wait of each dispatch when the adapter has no timestamps.
+    pub fn time_dispatches(&self, dispatches: &[&Dispatch]) -> Result<Vec<f64>> {
+        if !self.caps.timestamps {
+            let mut out = Vec::with_capacity(dispatches.len());
+            for d in dispatches {
+                let t = std::time::Instant::now();
+                self.run(&d.label, [*d])?;
+                out.push(t.elapsed().as_secs_f64());
+            }
+            return Ok(out);
+        }
+        let n = dispatches.len() as u32 * 2;
+        let qs = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("marrow timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: n.max(2),
+        });
+        let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("marrow timestamp resolve"),
+            size: n.max(2) as u64 * 8,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("marrow timed dispatches"),
+            });
+        for (i, d) in dispatches.iter().enumerate() {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(&d.label),
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &qs,
+                    beginning_of_pass_write_index: Some(2 * i as u32),
+                    end_of_pass_write_index: Some(2 * i as u32 + 1),
+                }),
+            });
+            if !d.workgroups.contains(&0) {
+                pass.set_pipeline(&d.pipeline);
+                pass.set_bind_group(0, &d.bind_group, &[]);
+                pass.dispatch_workgroups(d.workgroups[0], d.workgroups[1], d.workgroups[2]);
+            }
+        }
+        enc.resolve_query_set(&qs, 0..n, &resolve, 0);
+        self.queue.submit([enc.finish()]);
+        let raw: Vec<u64> = self.read_back_pod(&resolve, n as usize)?;
+        let period = self.queue.get_timestamp_period() as f64 * 1e-9;
+        Ok(raw
+            .chunks(2)
+            .map(|c| c[1].saturating_sub(c[0]) as f64 * period)
+            .collect())
+    }
+
+    /// Copies `count` f32 values from the start of `buf` to the host.
+    pub fn read_back(&self, buf: &wgpu::Buffer, count: usize) -> Result<Vec<f32>> {
+        self.read_back_pod(buf, count)
+    }
+
+    fn read_back_pod<T: bytemuck::Pod>(&self, buf: &wgpu::Buffer, count: usize) -> Result<Vec<T>> {
+        let bytes = (count * std::mem::size_of::<T>()) as u64;
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("marrow read-back staging"),
+            size: bytes.div_ceil(4) * 4,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("marrow read-back"),
+            });
+        enc.copy_buffer_to_buffer(buf, 0, &staging, 0, Some(bytes.div_ceil(4) * 4));
+        self.queue.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|_| Error::Gpu("read-back callback never ran".into()))?
+            .map_err(|e| Error::Gpu(format!("mapping the read-back buffer: {e}")))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Gpu(format!("mapping the read-back buffer: {e}")))?;
+        let out = bytemuck::cast_slice::<u8, T>(&view[..bytes as usize]).to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+}
+
+/// A minimal line preprocessor: `#if NAME`, `#if !NAME`, `#else`, `#endif` (nestable), where NAME
+/// is a `Bool` const of the variant. WGSL has no conditional compilation, and a binding that a
+/// variant does not use must not be declared (auto layouts drop it, and binding it is an error).
+fn preprocess(source: &str, consts: &[(&str, ConstVal)]) -> std::result::Result<String, String> {
+    let flag = |name: &str| -> std::result::Result<bool, String> {
+        let (neg, name) = match name.strip_prefix('!') {
+            Some(n) => (true, n.trim()),
+            None => (false, name),
+        };
+        match consts.iter().find(|(k, _)| *k == name) {
+            Some((_, ConstVal::Bool(b))) => Ok(*b != neg),
+            Some(_) => Err(format!("#if {name}: not a bool const")),
+            None => Err(format!("#if {name}: const not given for this variant")),
+        }
+    };
+    let mut out = String::with_capacity(source.len());
+    // Stack of (this branch active, any enclosing inactive).
+    let mut stack: Vec<(bool, bool)> = Vec::new();
+    for (lineno, line) in source.lines().enumerate() {
+        let t = line.trim_start();
+        let active = stack.iter().all(|(a, _)| *a);
+        if let Some(rest) = t.strip_prefix("#if ") {
+            let v = if active { flag(rest.trim())? } else { false };
+            stack.push((v, !active));
+        } else if t.starts_with("#else") {
+            let top = stack
+                .last_mut()
+                .ok_or(format!("line {}: #else without #if", lineno + 1))?;
+            top.0 = !top.0 && !top.1;
+        } else if t.starts_with("#endif") {
+            stack
+                .pop()
+                .ok_or(format!("line {}: #endif without #if", lineno + 1))?;
+        } else if active {
+            out.push_str(line);
+        }
+        // Keep line numbers of compile errors aligned with the .wgsl file.
+        out.push('\n');
+    }
+    if !stack.is_empty() {
+        return Err("unterminated #if".into());
+    }
+    Ok(out)
+}
+
+/// A value for a WGSL `const` declaration in a kernel variant.
+#[derive(Debug, Clone, Copy)]
+pub enum ConstVal {
+    U32(u32),
+    I32(i32),
+    Bool(bool),
+    F32(f32),
+}
+
+impl ConstVal {
+    fn ty(&self) -> &'static str {
+        match self {
+            ConstVal::U32(_) => "u32",
+            ConstVal::I32(_) => "i32",
+            ConstVal::Bool(_) => "bool",
+            ConstVal::F32(_) => "f32",
+        }
+    }
+    fn lit(&self) -> String {
+        match self {
+            ConstVal::U32(v) => format!("{v}u"),
+            ConstVal::I32(v) => format!("{v}i"),
+            ConstVal::Bool(v) => format!("{v}"),
+            // Bit-exact: WGSL has no hex-float shorthand guarantee across naga versions, so pass
+            // the bits.
+            ConstVal::F32(v) => format!("bitcast<f32>({}u)", v.to_bits()),
+        }
+    }
+}

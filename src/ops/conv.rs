@@ -1,0 +1,225 @@
+//! 2-D convolution (implicit GEMM, NHWC) with BN folded into the weights and bias, and ReLU,
+//! residual add or FPN nearest-upsample add fused into the epilogue. Kernel: shaders/conv2d.wgsl.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::gpu::{ConstVal, Dispatch, Gpu, Kernel, Nhwc, Tensor};
+
+pub const KERNEL: Kernel = Kernel {
+    name: "conv2d",
+    source: include_str!("../../shaders/conv2d.wgsl"),
+    entry: "main",
+};
+
+/// What the epilogue adds before the (optional) ReLU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Residual {
+    None,
+    /// A tensor of the output's shape (ResNet shortcut).
+    Same,
+    /// A tensor with the output's batch and channels, upsampled with ATen's legacy nearest rule
+    /// to the output's height and width (FPN top-down merge).
+    Nearest,
+}
+
+/// The static description of one convolution layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Conv2d {
+    pub cin: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub relu: bool,
+    pub residual: Residual,
+}
+
+/// Device-resident weights in the kernel's layout: `w` is [KH*KW*CIN, COUT], `b` is [COUT].
+pub struct ConvWeights {
+    pub w: Arc<wgpu::Buffer>,
+    pub b: Arc<wgpu::Buffer>,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    h: u32,
+    w: u32,
+    oh: u32,
+    ow: u32,
+    m: u32,
+    rh: u32,
+    rw: u32,
+    scale_h: f32,
+    scale_w: f32,
+    pad0: u32,
+    pad1: u32,
+}
+
+impl Conv2d {
+    pub fn k(&self) -> usize {
+        self.kh * self.kw * self.cin
+    }
+
+    /// torchvision's output size: floor((h + 2p - k) / s) + 1.
+    pub fn out_hw(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        if h + 2 * self.pad < self.kh || w + 2 * self.pad < self.kw || self.stride == 0 {
+            return Err(Error::shape(
+                "conv2d",
+                format!("input {h}x{w} is smaller than the {}x{} kernel", self.kh, self.kw),
+            ));
+        }
+        Ok((
+            (h + 2 * self.pad - self.kh) / self.stride + 1,
+            (w + 2 * self.pad - self.kw) / self.stride + 1,
+        ))
+    }
+
+    pub fn out_shape(&self, x: Nhwc) -> Result<Nhwc> {
+        if x.c != self.cin {
+            return Err(Error::shape(
+                "conv2d",
+                format!("input {x} has {} channels, the layer expects {}", x.c, self.cin),
+            ));
+        }
+        let (oh, ow) = self.out_hw(x.h, x.w)?;
+        Ok(Nhwc::new(x.n, oh, ow, self.cout))
+    }
+
+    /// Repacks torchvision's OIHW weight into the kernel's [K, COUT] layout, k = (ky, kx, ci).
+    pub fn repack_oihw(&self, oihw: &[f32]) -> Vec<f32> {
+        let (cin, cout, kh, kw) = (self.cin, self.cout, self.kh, self.kw);
+        let mut out = vec![0.0f32; kh * kw * cin * cout];
+        for co in 0..cout {
+            for ci in 0..cin {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        out[((ky * kw + kx) * cin + ci) * cout + co] =
+                            oihw[((co * cin + ci) * kh + ky) * kw + kx];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Uploads OIHW weights and a bias (already BN-folded).
+    pub fn upload(&self, gpu: &Gpu, label: &str, oihw: &[f32], bias: &[f32]) -> Result<ConvWeights> {
+        if oihw.len() != self.cout * self.k() || bias.len() != self.cout {
+            return Err(Error::shape(
+                label,
+                format!(
+                    "weight has {} values and bias {}, expected {}x{}x{}x{} and {}",
+                    oihw.len(),
+                    bias.len(),
+                    self.cout,
+                    self.cin,
+                    self.kh,
+                    self.kw,
+                    self.cout
+                ),
+            ));
+        }
+        Ok(ConvWeights {
+            w: Arc::new(gpu.upload(&format!("{label}.weight[K,COUT]"), &self.repack_oihw(oihw))?),
+            b: Arc::new(gpu.upload(&format!("{label}.bias"), bias)?),
+        })
+    }
+
+    pub fn pipeline(&self, gpu: &Gpu) -> Result<Arc<wgpu::ComputePipeline>> {
+        let u = |v: usize| ConstVal::U32(v as u32);
+        gpu.pipeline(
+            &KERNEL,
+            &[
+                ("KH", u(self.kh)),
+                ("KW", u(self.kw)),
+                ("STRIDE", u(self.stride)),
+                ("PAD", u(self.pad)),
+                ("CIN", u(self.cin)),
+                ("COUT", u(self.cout)),
+                ("RELU", ConstVal::Bool(self.relu)),
+                ("RESIDUAL", ConstVal::Bool(self.residual != Residual::None)),
+                (
+                    "RES_MODE",
+                    ConstVal::U32(match self.residual {
+                        Residual::None => 0,
+                        Residual::Same => 1,
+                        Residual::Nearest => 2,
+                    }),
+                ),
+            ],
+        )
+    }
+
+    /// Checks shapes and records the dispatch `y = act(conv(x) + bias [+ residual])`.
+    pub fn encode(
+        &self,
+        gpu: &Gpu,
+        label: &str,
+        x: &Tensor,
+        weights: &ConvWeights,
+        residual: Option<&Tensor>,
+        y: &Tensor,
+    ) -> Result<Dispatch> {
+        let out = self.out_shape(x.shape)?;
+        if y.shape != out {
+            return Err(Error::shape(label, format!("output is {}, expected {out}", y.shape)));
+        }
+        let (rh, rw) = match (self.residual, residual) {
+            (Residual::None, None) => (0, 0),
+            (Residual::Same, Some(r)) if r.shape == out => (out.h, out.w),
+            (Residual::Nearest, Some(r)) if r.shape.n == out.n && r.shape.c == out.c && r.shape.h > 0 && r.shape.w > 0 => {
+                (r.shape.h, r.shape.w)
+            }
+            (mode, r) => {
+                return Err(Error::shape(
+                    label,
+                    format!(
+                        "residual mode {mode:?} with residual {:?} for output {out}",
+                        r.map(|t| t.shape)
+                    ),
+                ))
+            }
+        };
+        let m = out.n * out.h * out.w;
+        if m > u32::MAX as usize || x.shape.len() > u32::MAX as usize || y.shape.len() > u32::MAX as usize {
+            return Err(Error::TooLarge(format!("{label}: tensor exceeds 2^32 elements")));
+        }
+        let params = Params {
+            n: out.n as u32,
+            h: x.shape.h as u32,
+            w: x.shape.w as u32,
+            oh: out.h as u32,
+            ow: out.w as u32,
+            m: m as u32,
+            rh: rh as u32,
+            rw: rw as u32,
+            // ATen: scale = (float)in / out, in f32, used only off the identity / exact-2x paths.
+            scale_h: if out.h > 0 { rh as f32 / out.h as f32 } else { 0.0 },
+            scale_w: if out.w > 0 { rw as f32 / out.w as f32 } else { 0.0 },
+            pad0: 0,
+            pad1: 0,
+        };
+        let pipeline = self.pipeline(gpu)?;
+        let ubuf = gpu.uniform(&format!("{label} params"), &params);
+        let mut bufs: Vec<&wgpu::Buffer> = vec![&x.buf, &weights.w, &weights.b, &y.buf];
+        if let Some(r) = residual {
+            bufs.push(&r.buf);
+        }
+        gpu.dispatch(
+            label,
+            &pipeline,
+            Some(&ubuf),
+            &bufs,
+            [super::groups(m, 64), super::groups(self.cout, 64), 1],
+        )
+    }
+
+    /// Floating-point operations of one application (2 per multiply-add).
+    pub fn flops(&self, out: Nhwc) -> f64 {
+        2.0 * (out.n * out.h * out.w) as f64 * self.k() as f64 * self.cout as f64
+    }
+}

@@ -1,0 +1,11 @@
+//! One module per kernel family: an op struct with its shape checks, its pipeline variant and the
+//! dispatch it records. The WGSL lives in `shaders/<family>.wgsl`.
+
+pub mod conv;
+pub mod pool;
+pub mod transform;
+
+/// Ceil-divide for workgroup counts.
+pub(crate) fn groups(n: usize, per: usize) -> u32 {
+    n.div_ceil(per) as u32
+}

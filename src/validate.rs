@@ -1,0 +1,1 @@
+//! `marrow validate`: compare the engine's stages with a torchvision reference dump.

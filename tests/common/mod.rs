@@ -1,0 +1,54 @@
+//! Shared test helpers: one GPU per test process, and a seeded RNG whose seed is fresh each run
+//! (printed, and fixed with MARROW_TEST_SEED=… to reproduce a failure).
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use marrow::gpu::{Gpu, GpuOptions};
+
+pub fn gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let g = Gpu::new(&GpuOptions::default()).expect(
+            "no GPU adapter: install Mesa's lavapipe (.ci/install-vulkan) to run the tests",
+        );
+        eprintln!("adapter: {} ({}, {})", g.report.name, g.report.backend, g.report.driver_info);
+        g
+    })
+}
+
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for one test; the seed mixes the run seed with the test's name.
+    pub fn for_test(name: &str) -> Rng {
+        let run = std::env::var("MARROW_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            });
+        eprintln!("{name}: MARROW_TEST_SEED={run}");
+        Rng(run ^ marrow::seedgen::fnv1a64(name.as_bytes()))
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        marrow::seedgen::splitmix64(self.0)
+    }
+    /// Uniform in [lo, hi].
+    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
+    }
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    pub fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| lo + (hi - lo) * self.uniform()).collect()
+    }
+    pub fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.range(0, xs.len() - 1)]
+    }
+}
