@@ -9,6 +9,7 @@
 pub mod cpu;
 pub mod error;
 pub mod gpu;
+pub mod image_io;
 pub mod model;
 pub mod ops;
 pub mod seedgen;
