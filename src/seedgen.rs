@@ -143,14 +143,29 @@ mod tests {
 
     /// Golden values printed by `weights/seedgen.py` (f32 bit patterns of the first five values,
     /// the last two, and the sequential f64 sum in flat order).
-    fn check(name: &str, shape: &[usize], scales: &[(&str, f32)], first: [u32; 5], last: [u32; 2], sum: f64) {
+    fn check(
+        name: &str,
+        shape: &[usize],
+        scales: &[(&str, f32)],
+        first: [u32; 5],
+        last: [u32; 2],
+        sum: f64,
+    ) {
         let scales: Vec<(String, f32)> = scales.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         let v = generate(SEED, name, shape, &scales);
         assert_eq!(v.len(), shape.iter().product::<usize>());
         let got_first: Vec<u32> = v[..5].iter().map(|x| x.to_bits()).collect();
-        assert_eq!(got_first, first.to_vec(), "{name}: first values diverge from Python");
+        assert_eq!(
+            got_first,
+            first.to_vec(),
+            "{name}: first values diverge from Python"
+        );
         let got_last: Vec<u32> = v[v.len() - 2..].iter().map(|x| x.to_bits()).collect();
-        assert_eq!(got_last, last.to_vec(), "{name}: last values diverge from Python");
+        assert_eq!(
+            got_last,
+            last.to_vec(),
+            "{name}: last values diverge from Python"
+        );
         let s: f64 = v.iter().map(|&x| x as f64).sum();
         assert_eq!(s, sum, "{name}: sum diverges from Python");
     }
@@ -161,7 +176,10 @@ mod tests {
         assert_eq!(fnv1a64(b"a"), 0xaf63dc4c8601ec8c);
         assert_eq!(splitmix64(0), 0xe220a8397b1dcdaf);
         assert_eq!(splitmix64(1), 0x910a2dec89025cc1);
-        assert_eq!(tensor_key(SEED, "backbone.body.conv1.weight"), 0x83750a04aa1e5455);
+        assert_eq!(
+            tensor_key(SEED, "backbone.body.conv1.weight"),
+            0x83750a04aa1e5455
+        );
     }
 
     #[test]

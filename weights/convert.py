@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Convert a torchvision Faster R-CNN + ResNet-FPN checkpoint (.pth) to a marrow safetensors file.
+
+    python weights/convert.py IN.pth OUT.safetensors [--half] [--class-names a,b,c | --class-names-file F]
+        [--eps 0.0] [--min-size 800] [--max-size 1333] [--drop-unknown] [--no-verify]
+
+IN: a state_dict, or a training checkpoint dict holding one under "model" / "state_dict" /
+"model_state_dict" (a "module." prefix is stripped). Legacy FPN/RPN names are renamed to the
+current torchvision names, *.num_batches_tracked is dropped, the architecture is inferred from
+the shapes and checked, and the config JSON is written to the "marrow.config" metadata key
+(+ "marrow.source" = {"file", "sha256"}). Unknown tensors are refused unless --drop-unknown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import marrow_model as mm  # noqa: E402
+
+
+def convert(src: str, dst: str, half=False, class_names=None, eps=0.0, min_size=800, max_size=1333,
+            drop_unknown=False, verify=True, log=print) -> dict:
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001  (torch raises many kinds for a bad file)
+        raise mm.MarrowError(f"cannot read checkpoint: {e}") from e
+    sd = mm.normalise_names(mm.extract_state_dict(obj))
+    arch = mm.infer_arch({k: tuple(v.shape) for k, v in sd.items()})
+    cfg = mm.make_config(arch["backbone"], class_names, min_size, max_size, eps)
+    mm.check_config_vs_arch(cfg, arch)
+    model = mm.build_model(cfg, arch)
+    expected = mm.model_tensor_shapes(model)
+    exp_names = {n for n, _ in expected}
+    unknown = [k for k in sd if k not in exp_names]
+    missing = [n for n, _ in expected if n not in sd]
+    if missing:
+        raise mm.MarrowError(f"{len(missing)} tensors missing for a {arch['backbone']} Faster R-CNN: {missing[:10]}")
+    if unknown:
+        if not drop_unknown:
+            raise mm.MarrowError(f"{len(unknown)} tensors are not part of a torchvision Faster R-CNN "
+                                 f"({unknown[:10]}{' ...' if len(unknown) > 10 else ''}); "
+                                 "pass --drop-unknown to drop them")
+        log(f"warning: dropping {len(unknown)} unknown tensors: {unknown}")
+    out = {}
+    for name, shape in expected:  # state_dict order
+        t = sd[name]
+        if tuple(t.shape) != tuple(shape):
+            raise mm.MarrowError(f"{name}: shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if not t.is_floating_point():
+            raise mm.MarrowError(f"{name}: dtype {t.dtype} is not floating point")
+        t = t.detach().to(torch.float16 if half else torch.float32).contiguous()
+        if not torch.isfinite(t).all():
+            raise mm.MarrowError(f"{name}: contains NaN or Inf")
+        out[name] = t
+    meta = {
+        mm.CONFIG_KEY: mm.config_json(cfg),
+        mm.SOURCE_KEY: json.dumps({"file": os.path.basename(src), "sha256": mm.sha256_file(src)}),
+    }
+    mm.write_safetensors(dst, out, meta)
+    if verify:
+        model2, _, arch2, _ = mm.load_marrow(dst)
+        assert arch2 == arch, (arch2, arch)
+    log(f"wrote {dst}: {arch['backbone']}, FPN {arch['fpn_width']}, {arch['num_classes']} classes, "
+        f"representation {arch['representation_size']}, {len(out)} tensors, "
+        f"{'f16' if half else 'f32'}, {os.path.getsize(dst)} bytes")
+    return arch
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("input")
+    ap.add_argument("output")
+    ap.add_argument("--half", action="store_true", help="store tensors as f16")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--class-names", help="comma-separated, index 0 = background")
+    g.add_argument("--class-names-file", help="one class name per line, index 0 = background")
+    ap.add_argument("--eps", type=float, default=0.0, help="FrozenBatchNorm2d eps (0.0 = torchvision builder)")
+    ap.add_argument("--min-size", type=int, default=800)
+    ap.add_argument("--max-size", type=int, default=1333)
+    ap.add_argument("--drop-unknown", action="store_true", help="drop (with a warning) tensors that are not part of the model")
+    ap.add_argument("--no-verify", action="store_true", help="skip re-loading the output into torchvision")
+    a = ap.parse_args(argv)
+    names = None
+    if a.class_names:
+        names = [s.strip() for s in a.class_names.split(",")]
+    elif a.class_names_file:
+        with open(a.class_names_file, encoding="utf-8") as f:
+            names = [ln.strip() for ln in f if ln.strip()]
+    try:
+        convert(a.input, a.output, a.half, names, a.eps, a.min_size, a.max_size, a.drop_unknown, not a.no_verify)
+    except (mm.MarrowError, OSError, RuntimeError, ValueError, KeyError) as e:
+        print(f"error: {a.input}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

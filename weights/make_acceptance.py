@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Build the (uncommitted) acceptance dump: a full-size randomly initialised torchvision
+fasterrcnn_resnet50_fpn (FPN 256, default 800/1333 transform, FrozenBN eps 0, non-trivial BN
+statistics from seedgen), saved as a .pth state_dict, converted with convert.py (f32 and --half),
+and a reference dump on a real image.
+
+    python3 weights/make_acceptance.py [--out /tmp/marrow-accept] [--image IMG] [--num-classes 4]
+
+Writes OUT/model.pth, OUT/model.safetensors, OUT/model_f16.safetensors, OUT/ref.safetensors.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import convert  # noqa: E402
+import make_fixtures as mf  # noqa: E402
+import make_reference as mr  # noqa: E402
+import marrow_model as mm  # noqa: E402
+
+ACCEPT_SEED = 777
+# The fixture scales, with the RPN objectness and class logits damped further: at FPN width 256 and
+# 800 px the fixture's multipliers leave every kept proposal's objectness above 0.985.
+ACCEPT_SCALES = dict(mf.SCALES, **{"rpn.head.cls_logits.": 0.1, "roi_heads.box_predictor.cls_score.": 0.1})
+
+
+def torchvision_model(num_classes: int):
+    """Built the way torchvision's pretrained builder builds it (FrozenBN, then overwrite_eps 0)."""
+    import torchvision
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.detection.faster_rcnn import FasterRCNN
+    from torchvision.models.detection._utils import overwrite_eps
+    from torchvision.ops import FrozenBatchNorm2d
+    body = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    model = FasterRCNN(_resnet_fpn_extractor(body, 3), num_classes=num_classes)
+    overwrite_eps(model, 0.0)
+    return model.eval()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="/tmp/marrow-accept")
+    ap.add_argument("--image")
+    ap.add_argument("--num-classes", type=int, default=4)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    os.makedirs(a.out, exist_ok=True)
+    image = a.image
+    if image is None:
+        d = "/work/shared/data/txl-pbc/images/val"
+        image = os.path.join(d, sorted(os.listdir(d))[0])
+
+    model = torchvision_model(a.num_classes)
+    shapes = mm.model_tensor_shapes(model)
+    sd = mm.seeded_state_dict(shapes, ACCEPT_SEED, ACCEPT_SCALES)
+    mm.load_state_into(model, sd)
+    pth = os.path.join(a.out, "model.pth")
+    torch.save(model.state_dict(), pth)
+
+    names = mf.CLASS_NAMES if a.num_classes == 4 else None
+    st = os.path.join(a.out, "model.safetensors")
+    convert.convert(pth, st, class_names=names)
+    st16 = os.path.join(a.out, "model_f16.safetensors")
+    convert.convert(pth, st16, half=True, class_names=names)
+
+    # Round trip: the converted file in torchvision gives exactly the original model's outputs.
+    img = mr.to_input(mr.load_image(image))
+    loaded, cfg, arch, _ = mm.load_marrow(st)
+    with torch.no_grad():
+        r0 = model([img])[0]
+        r1 = loaded([img])[0]
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), f"round trip differs in {k}"
+    print(f"round trip OK: {len(r0['boxes'])} detections identical")
+    half, _, _, _ = mm.load_marrow(st16)
+    with torch.no_grad():
+        r2 = half([img])[0]
+    print(f"f16 file loads: {len(r2['boxes'])} detections")
+
+    ref = os.path.join(a.out, "ref.safetensors")
+    t, info = mr.make_reference(loaded, cfg, mr.load_image(image), ref, os.path.basename(image), full=True,
+                                note="acceptance dump: random fasterrcnn_resnet50_fpn, real image")
+    print(info)
+    for k, v in t.items():
+        print(f"  {k:22s} {str(v.dtype):14s} {list(v.shape)}")
+    for p in (pth, st, st16, ref):
+        print(f"{p}: {os.path.getsize(p)} bytes")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""Shared Python side of marrow's weights tooling.
+
+Builds torchvision Faster R-CNN + FPN models that match a marrow safetensors file (tensor names =
+torchvision state_dict names, config JSON in the `marrow.config` metadata key), infers the
+architecture from tensor shapes, normalises checkpoint names, and builds seeded models with
+seedgen v1. Used by convert.py, make_reference.py and make_fixtures.py. Run on CPU only.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import os
+import re
+import sys
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import seedgen  # noqa: E402
+
+CONFIG_KEY = "marrow.config"
+SEEDGEN_KEY = "marrow.seedgen"
+SEEDGEN_CHECK_KEY = "marrow.seedgen.check"
+SOURCE_KEY = "marrow.source"
+CONFIG_FORMAT_VERSION = 1
+
+# Mirrors src/model/config.rs (serde deny_unknown_fields): only these fields exist.
+DEFAULT_CONFIG = {
+    "format_version": CONFIG_FORMAT_VERSION,
+    "backbone": None,
+    "class_names": None,
+    "transform": {
+        "min_size": 800,
+        "max_size": 1333,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+        "size_divisible": 32,
+    },
+    "frozen_bn_eps": 0.0,
+    "rpn": {"pre_nms_top_n": 1000, "post_nms_top_n": 1000, "nms_thresh": 0.7, "score_thresh": 0.0, "min_size": 0.001},
+    "box_head": {"score_thresh": 0.05, "nms_thresh": 0.5, "detections_per_img": 100, "min_size": 0.01},
+    "refine": None,
+}
+
+# ResNet layer block counts, keyed by (bottleneck?, counts).
+RESNETS = {
+    (False, (2, 2, 2, 2)): "resnet18",
+    (False, (3, 4, 6, 3)): "resnet34",
+    (True, (3, 4, 6, 3)): "resnet50",
+    (True, (3, 4, 23, 3)): "resnet101",
+}
+
+
+class MarrowError(Exception):
+    """A user-facing error with a clear message."""
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+def merge_config(partial: dict | None) -> dict:
+    """Fill torchvision defaults into a (possibly partial) config; refuse unknown fields."""
+    cfg = copy.deepcopy(DEFAULT_CONFIG)
+    for k, v in (partial or {}).items():
+        if k not in cfg:
+            raise MarrowError(f"{CONFIG_KEY}: unknown field {k!r}")
+        if isinstance(cfg[k], dict) and k != "refine":
+            if not isinstance(v, dict):
+                raise MarrowError(f"{CONFIG_KEY}: field {k!r} must be an object")
+            for kk, vv in v.items():
+                if kk not in cfg[k]:
+                    raise MarrowError(f"{CONFIG_KEY}: unknown field {k}.{kk!r}")
+                cfg[k][kk] = vv
+        else:
+            cfg[k] = v
+    if cfg["format_version"] > CONFIG_FORMAT_VERSION:
+        raise MarrowError(f"{CONFIG_KEY}: format_version {cfg['format_version']} is newer than supported")
+    return cfg
+
+
+def config_json(cfg: dict) -> str:
+    """Serialise a config for the metadata (drops `refine` when None)."""
+    out = {k: v for k, v in cfg.items() if not (k == "refine" and v is None)}
+    return json.dumps(out, separators=(",", ":"))
+
+
+def make_config(backbone=None, class_names=None, min_size=800, max_size=1333, eps=0.0) -> dict:
+    cfg = merge_config({})
+    cfg["backbone"] = backbone
+    cfg["class_names"] = list(class_names) if class_names is not None else None
+    cfg["transform"]["min_size"] = int(min_size)
+    cfg["transform"]["max_size"] = int(max_size)
+    cfg["frozen_bn_eps"] = float(eps)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint names
+
+
+_LEGACY = [
+    (re.compile(r"^backbone\.fpn\.inner_blocks\.(\d+)\.(weight|bias)$"), r"backbone.fpn.inner_blocks.\1.0.\2"),
+    (re.compile(r"^backbone\.fpn\.layer_blocks\.(\d+)\.(weight|bias)$"), r"backbone.fpn.layer_blocks.\1.0.\2"),
+    (re.compile(r"^rpn\.head\.conv\.(weight|bias)$"), r"rpn.head.conv.0.0.\1"),
+]
+
+
+def extract_state_dict(obj) -> "OrderedDict[str, torch.Tensor]":
+    """A state_dict from torch.load output: the dict itself, or a training checkpoint holding one."""
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, dict):
+        raise MarrowError(f"checkpoint is a {type(obj).__name__}, not a state_dict or checkpoint dict")
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return OrderedDict(obj)
+    for k in ("model", "state_dict", "model_state_dict", "model_state", "net", "weights"):
+        if k in obj:
+            return extract_state_dict(obj[k])
+    tensor_keys = [k for k, v in obj.items() if isinstance(v, torch.Tensor)]
+    if len(tensor_keys) > 10:
+        return OrderedDict((k, obj[k]) for k in tensor_keys)
+    raise MarrowError("no state_dict found in checkpoint (looked for keys model, state_dict, "
+                      f"model_state_dict; top-level keys: {sorted(map(str, obj))[:20]})")
+
+
+def normalise_names(sd) -> "OrderedDict[str, torch.Tensor]":
+    """Strip `module.`, rename legacy FPN / RPN names (torchvision-semantics §11.2), drop
+    `*.num_batches_tracked`."""
+    out = OrderedDict()
+    for k, v in sd.items():
+        while k.startswith("module."):
+            k = k[len("module."):]
+        if k.endswith("num_batches_tracked"):
+            continue
+        for pat, rep in _LEGACY:
+            if pat.match(k):
+                k = pat.sub(rep, k)
+                break
+        if k in out:
+            raise MarrowError(f"tensor {k!r} appears twice (legacy and current name?)")
+        out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# architecture
+
+
+def infer_arch(shapes: dict) -> dict:
+    """Architecture facts from {name: shape}. Raises MarrowError when it is not a model marrow
+    supports."""
+    def need(name):
+        if name not in shapes:
+            raise MarrowError(f"missing tensor {name!r}: not a torchvision Faster R-CNN + ResNet-FPN state_dict")
+        return tuple(shapes[name])
+
+    need("backbone.body.conv1.weight")
+    bottleneck = "backbone.body.layer1.0.conv3.weight" in shapes
+    counts = []
+    for L in range(1, 5):
+        idx = {int(m.group(1)) for n in shapes for m in [re.match(rf"^backbone\.body\.layer{L}\.(\d+)\.", n)] if m}
+        if not idx or idx != set(range(len(idx))):
+            raise MarrowError(f"backbone.body.layer{L}: block indices {sorted(idx)} are not 0..n-1")
+        counts.append(len(idx))
+    counts = tuple(counts)
+    backbone = RESNETS.get((bottleneck, counts))
+    if backbone is None:
+        raise MarrowError(f"unsupported ResNet: {'Bottleneck' if bottleneck else 'BasicBlock'} with layer "
+                          f"block counts {counts}; marrow supports resnet18/34/50/101")
+    fpn_w, c2 = need("backbone.fpn.inner_blocks.0.0.weight")[:2]
+    rep, fc6_in = need("roi_heads.box_head.fc6.weight")
+    if fc6_in != fpn_w * 49:
+        raise MarrowError(f"roi_heads.box_head.fc6.weight in_features {fc6_in} != FPN width {fpn_w} * 7 * 7")
+    num_classes = need("roi_heads.box_predictor.cls_score.weight")[0]
+    a = need("rpn.head.cls_logits.weight")[0]
+    if a != 3:
+        raise MarrowError(f"rpn.head.cls_logits has {a} anchors per location; marrow supports 3 (default anchor generator)")
+    return {"backbone": backbone, "bottleneck": bottleneck, "layers": counts, "fpn_width": int(fpn_w),
+            "num_classes": int(num_classes), "representation_size": int(rep)}
+
+
+def build_model(cfg: dict, arch: dict):
+    """An eval-mode torchvision FasterRCNN with FrozenBatchNorm2d(eps=cfg.frozen_bn_eps)."""
+    import torchvision
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNPredictor, TwoMLPHead
+    from torchvision.ops import FrozenBatchNorm2d
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    eps = float(cfg["frozen_bn_eps"])
+    norm = functools.partial(FrozenBatchNorm2d, eps=eps)
+    body = getattr(torchvision.models, arch["backbone"])(weights=None, norm_layer=norm)
+    in_channels_list = [256, 512, 1024, 2048] if arch["bottleneck"] else [64, 128, 256, 512]
+    w = arch["fpn_width"]
+    backbone = BackboneWithFPN(body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+                               in_channels_list, w, extra_blocks=LastLevelMaxPool())
+    t, r, b = cfg["transform"], cfg["rpn"], cfg["box_head"]
+    if abs(float(b["min_size"]) - 0.01) > 1e-9:
+        raise MarrowError("box_head.min_size != 0.01 cannot be reproduced by torchvision (hard-coded)")
+    rep = arch["representation_size"]
+    model = FasterRCNN(
+        backbone, num_classes=None,
+        min_size=int(t["min_size"]), max_size=int(t["max_size"]),
+        image_mean=[float(x) for x in t["image_mean"]], image_std=[float(x) for x in t["image_std"]],
+        size_divisible=int(t["size_divisible"]),
+        rpn_pre_nms_top_n_test=int(r["pre_nms_top_n"]), rpn_post_nms_top_n_test=int(r["post_nms_top_n"]),
+        rpn_nms_thresh=float(r["nms_thresh"]), rpn_score_thresh=float(r["score_thresh"]),
+        box_head=TwoMLPHead(w * 7 * 7, rep), box_predictor=FastRCNNPredictor(rep, arch["num_classes"]),
+        box_score_thresh=float(b["score_thresh"]), box_nms_thresh=float(b["nms_thresh"]),
+        box_detections_per_img=int(b["detections_per_img"]),
+    )
+    model.rpn.min_size = float(r["min_size"])
+    return model.eval()
+
+
+def check_config_vs_arch(cfg: dict, arch: dict):
+    if cfg.get("backbone") not in (None, arch["backbone"]):
+        raise MarrowError(f"config backbone {cfg['backbone']!r} but the tensors are a {arch['backbone']}")
+    names = cfg.get("class_names")
+    if names is not None and len(names) != arch["num_classes"]:
+        raise MarrowError(f"config has {len(names)} class_names but the box predictor has {arch['num_classes']} classes")
+
+
+def model_tensor_shapes(model) -> list:
+    """[(name, shape)] in state_dict order, without num_batches_tracked."""
+    return [(k, tuple(v.shape)) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
+
+
+def load_state_into(model, sd: dict):
+    """strict load of an f32/f16 name->tensor dict."""
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if not m.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise MarrowError(f"state_dict mismatch: missing {missing[:10]}, unexpected {unexpected[:10]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors I/O
+
+
+def read_safetensors(path: str):
+    """(OrderedDict name->torch tensor in file order, metadata dict)."""
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = OrderedDict((k, f.get_tensor(k)) for k in f.keys())
+    return tensors, meta
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.int64: "I64", torch.int32: "I32",
+              torch.uint8: "U8", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def write_safetensors(path: str, tensors: dict, meta: dict):
+    """Write a safetensors file byte-for-byte deterministically: tensors in the given order (so a
+    model file keeps state_dict order), metadata keys sorted, header padded with spaces to 8 bytes.
+    (safetensors.torch.save_file orders metadata through a hash map, so its bytes vary per run.)"""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    header = {"__metadata__": {k: str(meta[k]) for k in sorted(meta)}} if meta else {}
+    blobs, off = [], 0
+    for name, t in tensors.items():
+        t = t.detach().contiguous().cpu()
+        if t.dtype not in _ST_DTYPES:
+            raise MarrowError(f"{name}: dtype {t.dtype} cannot be stored")
+        b = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    h += b" " * (-len(h) % 8)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(len(h).to_bytes(8, "little"))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+    os.replace(tmp, path)
+
+
+def load_marrow(path: str, overrides: dict | None = None):
+    """Load a marrow safetensors into torchvision. Returns (model, cfg, arch, metadata)."""
+    tensors, meta = read_safetensors(path)
+    if "backbone.body.conv1.weight" not in tensors and SEEDGEN_KEY in meta:
+        # A fixture: the weights are rebuilt from its seedgen spec.
+        spec = json.loads(meta[SEEDGEN_KEY])
+        tensors = OrderedDict((n, torch.from_numpy(v)) for n, _, v in seedgen.generate_all(spec))
+    cfg = merge_config(json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None)
+    for sect, vals in (overrides or {}).items():
+        if isinstance(vals, dict):
+            cfg[sect].update(vals)
+        else:
+            cfg[sect] = vals
+    arch = infer_arch({k: tuple(v.shape) for k, v in tensors.items()})
+    check_config_vs_arch(cfg, arch)
+    model = build_model(cfg, arch)
+    load_state_into(model, tensors)
+    return model, cfg, arch, meta
+
+
+def load_pth(path: str, cfg: dict | None = None):
+    """Load a torchvision checkpoint (.pth) directly, with the same name handling as convert.py."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001  (torch raises many kinds for a bad file)
+        raise MarrowError(f"cannot read checkpoint: {e}") from e
+    sd = normalise_names(extract_state_dict(obj))
+    arch = infer_arch({k: tuple(v.shape) for k, v in sd.items()})
+    cfg = merge_config(cfg)
+    check_config_vs_arch(cfg, arch)
+    model = build_model(cfg, arch)
+    load_state_into(model, sd)
+    return model, cfg, arch
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# seeded models
+
+
+def seeded_state_dict(tensor_shapes, seed: int, scales: dict) -> "OrderedDict[str, torch.Tensor]":
+    return OrderedDict((n, torch.from_numpy(seedgen.generate(seed, n, s, scales))) for n, s in tensor_shapes)
+
+
+def build_seeded_model(cfg: dict, arch: dict, seed: int, scales: dict):
+    """(model, seedgen spec JSON, check JSON) with every tensor from seedgen v1."""
+    model = build_model(cfg, arch)
+    shapes = model_tensor_shapes(model)
+    sd = seeded_state_dict(shapes, seed, scales)
+    load_state_into(model, sd)
+    spec = seedgen.spec_json(seed, scales, shapes)
+    check_names = [shapes[0][0], "backbone.body.bn1.running_var", "roi_heads.box_predictor.cls_score.weight"]
+    check = json.dumps({n: seedgen.check_entry(sd[n].numpy()) for n in check_names}, separators=(",", ":"))
+    return model, spec, check, sd
+
+
+def arch_for(backbone: str, fpn_width: int, num_classes: int, representation_size: int = 1024) -> dict:
+    for (bott, counts), name in RESNETS.items():
+        if name == backbone:
+            return {"backbone": name, "bottleneck": bott, "layers": counts, "fpn_width": int(fpn_width),
+                    "num_classes": int(num_classes), "representation_size": int(representation_size)}
+    raise MarrowError(f"unknown backbone {backbone!r}")
