@@ -2,7 +2,10 @@
 //! dispatch it records. The WGSL lives in `shaders/<family>.wgsl`.
 
 pub mod conv;
+pub mod nms;
 pub mod pool;
+pub mod roi_align;
+pub mod rpn;
 pub mod transform;
 
 /// Ceil-divide for workgroup counts.

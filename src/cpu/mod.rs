@@ -2,6 +2,10 @@
 //! tested against these on random shapes; they accumulate in f64 so that they are a better
 //! reference than the f32 kernels under test.
 
+pub mod nms;
+pub mod roi_align;
+pub mod rpn;
+
 use crate::gpu::Nhwc;
 use crate::ops::conv::{Conv2d, Residual};
 use crate::ops::pool::MaxPool2d;

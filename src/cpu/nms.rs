@@ -1,0 +1,1 @@
+//! CPU reference for the nms kernels (placeholder: being written).

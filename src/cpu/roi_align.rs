@@ -1,0 +1,1 @@
+//! CPU reference for the roi_align kernels (placeholder: being written).

@@ -1,0 +1,1 @@
+//! CPU reference for the rpn kernels (placeholder: being written).

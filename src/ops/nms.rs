@@ -1,0 +1,1 @@
+//! nms op (placeholder: being written).

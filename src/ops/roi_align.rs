@@ -1,0 +1,1 @@
+//! roi_align op (placeholder: being written).

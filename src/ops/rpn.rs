@@ -1,0 +1,1 @@
+//! rpn op (placeholder: being written).
