@@ -27,7 +27,9 @@ pub fn load_rgb(path: &Path) -> Result<ImageF32> {
         .with_guessed_format()
         .map_err(|e| err(format!("cannot read: {e}")))?;
     if reader.format().is_none() {
-        return Err(err("not a recognised image format (PNG, JPEG, TIFF or BMP expected)".into()));
+        return Err(err(
+            "not a recognised image format (PNG, JPEG, TIFF or BMP expected)".into(),
+        ));
     }
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
@@ -44,5 +46,9 @@ pub fn load_rgb(path: &Path) -> Result<ImageF32> {
         return Err(err("image has no pixels".into()));
     }
     let rgb = img.to_rgb8();
-    Ok(ImageF32::from_rgb8(rgb.width() as usize, rgb.height() as usize, rgb.as_raw()))
+    Ok(ImageF32::from_rgb8(
+        rgb.width() as usize,
+        rgb.height() as usize,
+        rgb.as_raw(),
+    ))
 }

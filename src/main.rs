@@ -11,7 +11,11 @@ use marrow::model::Backbone;
 use marrow::validate::{self, RefDump};
 
 #[derive(Parser)]
-#[command(name = "marrow", version, about = "Cell detection and counting on any Vulkan / Metal / DX12 GPU (research use only)")]
+#[command(
+    name = "marrow",
+    version,
+    about = "Cell detection and counting on any Vulkan / Metal / DX12 GPU (research use only)"
+)]
 struct Cli {
     /// Adapter index (see `marrow info`) or a substring of its name; also MARROW_ADAPTER.
     #[arg(long, global = true)]
@@ -67,7 +71,11 @@ fn open_gpu(cli: &Cli) -> marrow::Result<Gpu> {
         r.backend,
         r.device_type,
         r.driver_info,
-        if r.software { ", software rasteriser: slow" } else { "" }
+        if r.software {
+            ", software rasteriser: slow"
+        } else {
+            ""
+        }
     );
     Ok(g)
 }
@@ -89,8 +97,14 @@ fn run(cli: Cli) -> marrow::Result<ExitCode> {
                 );
             }
             let g = open_gpu(&cli)?;
-            println!("chosen: {}", serde_json::to_string_pretty(&g.report).unwrap_or_default());
-            println!("capabilities: {}", serde_json::to_string_pretty(&g.caps).unwrap_or_default());
+            println!(
+                "chosen: {}",
+                serde_json::to_string_pretty(&g.report).unwrap_or_default()
+            );
+            println!(
+                "capabilities: {}",
+                serde_json::to_string_pretty(&g.caps).unwrap_or_default()
+            );
             println!("features: {:?}", g.device.features());
             println!("limits: {:#?}", g.limits);
             Ok(ExitCode::SUCCESS)
@@ -107,24 +121,47 @@ fn run(cli: Cli) -> marrow::Result<ExitCode> {
                 })?,
             };
             let g = open_gpu(&cli)?;
-            println!("weights: {} ({}, hash {:016x})", ws.source.display(), ws.config.backbone.clone().unwrap_or_else(|| "inferred".into()), ws.hash);
+            println!(
+                "weights: {} ({}, hash {:016x})",
+                ws.source.display(),
+                ws.config
+                    .backbone
+                    .clone()
+                    .unwrap_or_else(|| "inferred".into()),
+                ws.hash
+            );
             println!("reference: {}", reference.display());
             let t = std::time::Instant::now();
             let report = validate::validate_backbone(&g, ws, &dump)?;
             print!("{}", report.table());
             let rest = validate::unchecked_stages(&dump);
             if !rest.is_empty() {
-                println!("not compared (the engine does not produce these stages yet): {}", rest.join(", "));
+                println!(
+                    "not compared (the engine does not produce these stages yet): {}",
+                    rest.join(", ")
+                );
             }
-            println!("{} in {:.1} s", if report.passed() { "PASS" } else { "FAIL" }, t.elapsed().as_secs_f64());
-            Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            println!(
+                "{} in {:.1} s",
+                if report.passed() { "PASS" } else { "FAIL" },
+                t.elapsed().as_secs_f64()
+            );
+            Ok(if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Cmd::Features { image, weights } => {
             let ws = WeightStore::open(weights)?;
             let img = marrow::image_io::load_rgb(image)?;
             let g = open_gpu(&cli)?;
             let mut engine = Backbone::new(&g, ws)?;
-            println!("backbone: {} + FPN {}", engine.arch.name(), engine.arch.fpn_channels);
+            println!(
+                "backbone: {} + FPN {}",
+                engine.arch.name(),
+                engine.arch.fpn_channels
+            );
             let t = std::time::Instant::now();
             let out = engine.run(&img)?;
             let first = t.elapsed().as_secs_f64();

@@ -61,9 +61,10 @@ impl RefDump {
             path: path.to_path_buf(),
             source: e,
         })?;
-        let (_, meta) =
-            SafeTensors::read_metadata(&bytes).map_err(|e| err(format!("invalid safetensors: {e}")))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| err(format!("invalid safetensors: {e}")))?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| err(format!("invalid safetensors: {e}")))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| err(format!("invalid safetensors: {e}")))?;
         let mut tensors = HashMap::new();
         for (name, v) in st.iter() {
             let b = v.data();
@@ -78,7 +79,11 @@ impl RefDump {
                         .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
                         .collect(),
                 ),
-                d => return Err(err(format!("tensor {name}: dtype {d:?} (expected F32 or I64)"))),
+                d => {
+                    return Err(err(format!(
+                        "tensor {name}: dtype {d:?} (expected F32 or I64)"
+                    )))
+                }
             };
             tensors.insert(
                 name.to_string(),
@@ -112,7 +117,10 @@ impl RefDump {
             .f32()
             .ok_or_else(|| self.err(format!("tensor {name} is not F32")))?;
         if t.shape.len() != rank {
-            return Err(self.err(format!("tensor {name} has shape {:?}, expected rank {rank}", t.shape)));
+            return Err(self.err(format!(
+                "tensor {name} has shape {:?}, expected rank {rank}",
+                t.shape
+            )));
         }
         Ok((&t.shape, d))
     }
@@ -122,9 +130,11 @@ impl RefDump {
         let Some(spec) = self.metadata.get(SEEDGEN_KEY) else {
             return Ok(None);
         };
-        let spec = SeedSpec::from_json(spec).map_err(|e| self.err(format!("metadata {SEEDGEN_KEY}: {e}")))?;
+        let spec = SeedSpec::from_json(spec)
+            .map_err(|e| self.err(format!("metadata {SEEDGEN_KEY}: {e}")))?;
         let config = match self.metadata.get(CONFIG_KEY) {
-            Some(c) => ModelConfig::from_json(c).map_err(|e| self.err(format!("metadata {CONFIG_KEY}: {e}")))?,
+            Some(c) => ModelConfig::from_json(c)
+                .map_err(|e| self.err(format!("metadata {CONFIG_KEY}: {e}")))?,
             None => ModelConfig::default(),
         };
         let tensors = spec
@@ -162,7 +172,9 @@ impl Report {
     }
 
     pub fn row(&self, stage: &str, mode: &str) -> Option<&Row> {
-        self.rows.iter().find(|r| r.stage == stage && r.mode == mode)
+        self.rows
+            .iter()
+            .find(|r| r.stage == stage && r.mode == mode)
     }
 
     pub fn table(&self) -> String {
@@ -187,9 +199,17 @@ impl Report {
                 a,
                 b,
                 c,
-                if r.tol > 0.0 { format!("{:.0e}", r.tol) } else { "exact".into() },
+                if r.tol > 0.0 {
+                    format!("{:.0e}", r.tol)
+                } else {
+                    "exact".into()
+                },
                 if r.pass { "ok" } else { "FAIL" },
-                if r.note.is_empty() { String::new() } else { format!("  ({})", r.note) }
+                if r.note.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({})", r.note)
+                }
             ));
         }
         s
@@ -197,7 +217,14 @@ impl Report {
 }
 
 /// Compares an engine output (NHWC) with a reference NCHW tensor.
-fn compare_nchw(stage: &str, mode: &'static str, got: (&Nhwc, &[f32]), want: (&[usize], &[f32]), tol: f64, metric: &'static str) -> Row {
+fn compare_nchw(
+    stage: &str,
+    mode: &'static str,
+    got: (&Nhwc, &[f32]),
+    want: (&[usize], &[f32]),
+    tol: f64,
+    metric: &'static str,
+) -> Row {
     let (gs, gd) = got;
     let shape_ok = want.0 == [gs.n, gs.c, gs.h, gs.w];
     if !shape_ok {
@@ -209,7 +236,10 @@ fn compare_nchw(stage: &str, mode: &'static str, got: (&Nhwc, &[f32]), want: (&[
             tol,
             metric,
             pass: false,
-            note: format!("engine shape [{}, {}, {}, {}] differs", gs.n, gs.c, gs.h, gs.w),
+            note: format!(
+                "engine shape [{}, {}, {}, {}] differs",
+                gs.n, gs.c, gs.h, gs.w
+            ),
         };
     }
     let g = cpu::nhwc_to_nchw(gd, *gs);
@@ -226,7 +256,11 @@ fn compare_nchw(stage: &str, mode: &'static str, got: (&Nhwc, &[f32]), want: (&[
         tol,
         metric,
         pass: d.nonfinite == 0 && value <= tol,
-        note: if d.nonfinite > 0 { format!("{} non-finite values", d.nonfinite) } else { String::new() },
+        note: if d.nonfinite > 0 {
+            format!("{} non-finite values", d.nonfinite)
+        } else {
+            String::new()
+        },
     }
 }
 
@@ -246,7 +280,9 @@ pub fn validate_backbone(gpu: &Gpu, weights: WeightStore, dump: &RefDump) -> Res
     let mut report = Report::default();
     let (ishape, idata) = dump.f32("input.image", 3)?;
     if ishape[0] != 3 {
-        return Err(dump.err(format!("input.image has shape {ishape:?}, expected [3, H, W]")));
+        return Err(dump.err(format!(
+            "input.image has shape {ishape:?}, expected [3, H, W]"
+        )));
     }
     let image = ImageF32 {
         h: ishape[1],
@@ -257,7 +293,11 @@ pub fn validate_backbone(gpu: &Gpu, weights: WeightStore, dump: &RefDump) -> Res
     let out = engine.run(&image)?;
 
     // Exact: resized size (the f64 truncation rule) and padded size.
-    if let Some(t) = dump.tensors.get("transform.size").and_then(|t| t.i64().map(|v| v.to_vec())) {
+    if let Some(t) = dump
+        .tensors
+        .get("transform.size")
+        .and_then(|t| t.i64().map(|v| v.to_vec()))
+    {
         let ours = [out.sizes.resized.0 as i64, out.sizes.resized.1 as i64];
         report.rows.push(Row {
             stage: "transform.size".into(),
@@ -272,12 +312,26 @@ pub fn validate_backbone(gpu: &Gpu, weights: WeightStore, dump: &RefDump) -> Res
     }
     if let Ok((ts, td)) = dump.f32("transform.image", 4) {
         let (gs, gd) = out.get("transform.image").expect("engine output");
-        report.rows.push(compare_nchw("transform.image", "from image", (gs, gd), (ts, td), tol::TRANSFORM_ABS, "max abs"));
+        report.rows.push(compare_nchw(
+            "transform.image",
+            "from image",
+            (gs, gd),
+            (ts, td),
+            tol::TRANSFORM_ABS,
+            "max abs",
+        ));
     }
     for name in FPN_NAMES {
         if let Ok(want) = dump.f32(name, 4) {
             let (gs, gd) = out.get(name).expect("engine output");
-            report.rows.push(compare_nchw(name, "from image", (gs, gd), want, tol::BACKBONE_REL, "rel"));
+            report.rows.push(compare_nchw(
+                name,
+                "from image",
+                (gs, gd),
+                want,
+                tol::BACKBONE_REL,
+                "rel",
+            ));
         }
     }
     // Teacher-forced body + FPN from the reference's transformed image (isolates the transform).
@@ -288,23 +342,44 @@ pub fn validate_backbone(gpu: &Gpu, weights: WeightStore, dump: &RefDump) -> Res
         for name in FPN_NAMES {
             if let Ok(want) = dump.f32(name, 4) {
                 if let Some((_, s, d)) = tf.iter().find(|(n, _, _)| n == name) {
-                    report.rows.push(compare_nchw(name, "teacher-forced", (s, d), want, tol::BACKBONE_REL, "rel"));
+                    report.rows.push(compare_nchw(
+                        name,
+                        "teacher-forced",
+                        (s, d),
+                        want,
+                        tol::BACKBONE_REL,
+                        "rel",
+                    ));
                 }
             }
         }
     }
     // Teacher-forced FPN from the reference's C2..C5, when the dump has them.
-    let cs: Vec<_> = (2..=5).filter_map(|i| dump.f32(&format!("body.c{i}"), 4).ok()).collect();
+    let cs: Vec<_> = (2..=5)
+        .filter_map(|i| dump.f32(&format!("body.c{i}"), 4).ok())
+        .collect();
     if cs.len() == 4 {
         let inputs: Vec<(Nhwc, Vec<f32>)> = cs
             .iter()
-            .map(|(s, d)| (Nhwc::new(s[0], s[2], s[3], s[1]), cpu::nchw_to_nhwc(d, s[0], s[1], s[2], s[3])))
+            .map(|(s, d)| {
+                (
+                    Nhwc::new(s[0], s[2], s[3], s[1]),
+                    cpu::nchw_to_nhwc(d, s[0], s[1], s[2], s[3]),
+                )
+            })
             .collect();
         let tf = engine.run_fpn(&inputs)?;
         for name in FPN_NAMES {
             if let Ok(want) = dump.f32(name, 4) {
                 if let Some((_, s, d)) = tf.iter().find(|(n, _, _)| n == name) {
-                    report.rows.push(compare_nchw(name, "TF from C2..C5", (s, d), want, tol::FPN_TF_REL, "rel"));
+                    report.rows.push(compare_nchw(
+                        name,
+                        "TF from C2..C5",
+                        (s, d),
+                        want,
+                        tol::FPN_TF_REL,
+                        "rel",
+                    ));
                 }
             }
         }
@@ -318,7 +393,9 @@ pub fn unchecked_stages(dump: &RefDump) -> Vec<String> {
         .tensors
         .keys()
         .filter(|k| {
-            ["rpn.", "box.", "det.", "refine."].iter().any(|p| k.starts_with(p))
+            ["rpn.", "box.", "det.", "refine."]
+                .iter()
+                .any(|p| k.starts_with(p))
         })
         .cloned()
         .collect();

@@ -21,26 +21,39 @@ use marrow::model::weights::WeightStore;
 use marrow::validate::{self, RefDump};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn layers() -> &'static (RefDump, WeightStore) {
     static L: OnceLock<(RefDump, WeightStore)> = OnceLock::new();
     L.get_or_init(|| {
         let d = RefDump::open(&fixture("layers.safetensors")).unwrap();
-        let w = d.seeded_weights().unwrap().expect("layers fixture carries a seedgen spec");
+        let w = d
+            .seeded_weights()
+            .unwrap()
+            .expect("layers fixture carries a seedgen spec");
         (d, w)
     })
 }
 
 fn nhwc_input(d: &RefDump, name: &str) -> (Nhwc, Vec<f32>) {
     let (s, v) = d.f32(name, 4).unwrap();
-    (Nhwc::new(s[0], s[2], s[3], s[1]), cpu::nchw_to_nhwc(v, s[0], s[1], s[2], s[3]))
+    (
+        Nhwc::new(s[0], s[2], s[3], s[1]),
+        cpu::nchw_to_nhwc(v, s[0], s[1], s[2], s[3]),
+    )
 }
 
 /// Builds a sub-graph with `build`, feeds the named reference inputs, and checks each named
 /// output against the reference within `tol` of max |ref|.
-fn check_subgraph(inputs: &[&str], outputs: &[(&str, &str)], tol: f64, build: impl Fn(&BackboneBuilder, &mut Graph, Vec<usize>) -> Vec<usize>) {
+fn check_subgraph(
+    inputs: &[&str],
+    outputs: &[(&str, &str)],
+    tol: f64,
+    build: impl Fn(&BackboneBuilder, &mut Graph, Vec<usize>) -> Vec<usize>,
+) {
     let g = gpu();
     let (dump, ws) = layers();
     let b = BackboneBuilder::new(g, ws).unwrap();
@@ -63,9 +76,16 @@ fn check_subgraph(inputs: &[&str], outputs: &[(&str, &str)], tol: f64, build: im
         let t = plan.output(name).unwrap();
         let got = cpu::nhwc_to_nchw(&t.read(g).unwrap(), t.shape);
         let (rs, want) = dump.f32(refname, 4).unwrap();
-        assert_eq!(rs, [t.shape.n, t.shape.c, t.shape.h, t.shape.w], "{refname} shape");
+        assert_eq!(
+            rs,
+            [t.shape.n, t.shape.c, t.shape.h, t.shape.w],
+            "{refname} shape"
+        );
         let d = cpu::diff(&got, want);
-        eprintln!("{refname}: max_abs {:.3e} rel_max {:.3e} rel_l2 {:.3e}", d.max_abs, d.rel_max, d.rel_l2);
+        eprintln!(
+            "{refname}: max_abs {:.3e} rel_max {:.3e} rel_l2 {:.3e}",
+            d.max_abs, d.rel_max, d.rel_l2
+        );
         assert_eq!(d.nonfinite, 0, "{refname}");
         assert!(d.rel_max <= tol, "{refname}: {d:?} exceeds {tol}");
     }
@@ -80,10 +100,18 @@ fn seedgen_matches_the_fixture_spot_checks() {
     for (name, c) in checks.as_object().unwrap() {
         let shape = ws.shape(name).unwrap().to_vec();
         let v = ws.get(name, &shape).unwrap();
-        let first: Vec<f32> = c["first"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let first: Vec<f32> = c["first"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
         assert_eq!(&v[..first.len()], first.as_slice(), "{name}: first values");
         let sum: f64 = v.iter().map(|x| *x as f64).sum();
-        assert!((sum - c["sum"].as_f64().unwrap()).abs() <= 1e-9 * sum.abs().max(1.0), "{name}: sum");
+        assert!(
+            (sum - c["sum"].as_f64().unwrap()).abs() <= 1e-9 * sum.abs().max(1.0),
+            "{name}: sum"
+        );
         n += 1;
     }
     assert!(n >= 3);
@@ -91,25 +119,45 @@ fn seedgen_matches_the_fixture_spot_checks() {
 
 #[test]
 fn stem_teacher_forced() {
-    check_subgraph(&["stem.in"], &[("conv", "stem.conv_bn_relu"), ("pool", "stem.out")], 1e-5, |b, g, i| {
-        let (c, p) = b.stem(g, i[0]).unwrap();
-        vec![c, p]
-    });
+    check_subgraph(
+        &["stem.in"],
+        &[("conv", "stem.conv_bn_relu"), ("pool", "stem.out")],
+        1e-5,
+        |b, g, i| {
+            let (c, p) = b.stem(g, i[0]).unwrap();
+            vec![c, p]
+        },
+    );
 }
 
 #[test]
 fn bottleneck_without_downsample_teacher_forced() {
-    check_subgraph(&["layer1.1.in"], &[("out", "layer1.1.out")], 1e-5, |b, g, i| vec![b.block(g, 1, 1, i[0]).unwrap()]);
+    check_subgraph(
+        &["layer1.1.in"],
+        &[("out", "layer1.1.out")],
+        1e-5,
+        |b, g, i| vec![b.block(g, 1, 1, i[0]).unwrap()],
+    );
 }
 
 #[test]
 fn bottleneck_stride2_downsample_teacher_forced() {
-    check_subgraph(&["layer2.0.in"], &[("out", "layer2.0.out")], 1e-5, |b, g, i| vec![b.block(g, 2, 0, i[0]).unwrap()]);
+    check_subgraph(
+        &["layer2.0.in"],
+        &[("out", "layer2.0.out")],
+        1e-5,
+        |b, g, i| vec![b.block(g, 2, 0, i[0]).unwrap()],
+    );
 }
 
 #[test]
 fn bottleneck_layer4_teacher_forced() {
-    check_subgraph(&["layer4.0.in"], &[("out", "layer4.0.out")], 1e-5, |b, g, i| vec![b.block(g, 4, 0, i[0]).unwrap()]);
+    check_subgraph(
+        &["layer4.0.in"],
+        &[("out", "layer4.0.out")],
+        1e-5,
+        |b, g, i| vec![b.block(g, 4, 0, i[0]).unwrap()],
+    );
 }
 
 fn fpn_case(prefix: &str) {
@@ -120,7 +168,9 @@ fn fpn_case(prefix: &str) {
         .map(|l| (format!("p{l}"), format!("{prefix}.out.{l}")))
         .collect();
     let outs: Vec<(&str, &str)> = outs.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-    check_subgraph(&ins, &outs, 1e-5, |b, g, i| b.fpn(g, [i[0], i[1], i[2], i[3]]).unwrap().to_vec());
+    check_subgraph(&ins, &outs, 1e-5, |b, g, i| {
+        b.fpn(g, [i[0], i[1], i[2], i[3]]).unwrap().to_vec()
+    });
 }
 
 #[test]
@@ -141,7 +191,9 @@ fn image_case(file: &str) -> (RefDump, validate::Report) {
     assert!(report.passed(), "{file}:\n{}", report.table());
     // Every level was compared from the image (none silently skipped).
     for name in marrow::model::backbone::FPN_NAMES {
-        let row = report.row(name, "from image").unwrap_or_else(|| panic!("{file}: {name} not compared"));
+        let row = report
+            .row(name, "from image")
+            .unwrap_or_else(|| panic!("{file}: {name} not compared"));
         assert!(row.diff.unwrap().rel_l2 <= validate::tol::BACKBONE_REL);
     }
     assert!(report.row("transform.size", "exact").unwrap().pass);
@@ -160,7 +212,11 @@ fn image_short_side_truncates_to_min_size_minus_one() {
     let size = dump.tensors["transform.size"].i64().unwrap().to_vec();
     let ws = dump.seeded_weights().unwrap().unwrap();
     let min = ws.config.transform.min_size as i64;
-    assert_eq!(size.iter().min().copied(), Some(min - 1), "this fixture must exercise the f64 truncation");
+    assert_eq!(
+        size.iter().min().copied(),
+        Some(min - 1),
+        "this fixture must exercise the f64 truncation"
+    );
 }
 
 #[test]
@@ -169,7 +225,13 @@ fn image_pool_level_stride_61() {
     let (ts, _) = dump.f32("transform.image", 4).unwrap();
     let (ps, _) = dump.f32("fpn.pool", 4).unwrap();
     // torchvision's anchor stride for the pool level is padded_size // feature_size.
-    assert_eq!(ts[3] / ps[3], 61, "padded width {} over P6 width {}", ts[3], ps[3]);
+    assert_eq!(
+        ts[3] / ps[3],
+        61,
+        "padded width {} over P6 width {}",
+        ts[3],
+        ps[3]
+    );
 }
 
 #[test]

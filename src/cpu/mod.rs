@@ -50,7 +50,8 @@ pub fn conv2d(
                             }
                             let xb = ((n * xs.h + iy as usize) * xs.w + ix as usize) * xs.c;
                             for ci in 0..conv.cin {
-                                let wv = w_oihw[((co * conv.cin + ci) * conv.kh + ky) * conv.kw + kx];
+                                let wv =
+                                    w_oihw[((co * conv.cin + ci) * conv.kh + ky) * conv.kw + kx];
                                 acc += x[xb + ci] as f64 * wv as f64;
                             }
                         }
@@ -160,7 +161,8 @@ pub fn nhwc_to_nchw(x: &[f32], s: Nhwc) -> Vec<f32> {
         for i in 0..s.h {
             for j in 0..s.w {
                 for ch in 0..s.c {
-                    y[((b * s.c + ch) * s.h + i) * s.w + j] = x[((b * s.h + i) * s.w + j) * s.c + ch];
+                    y[((b * s.c + ch) * s.h + i) * s.w + j] =
+                        x[((b * s.h + i) * s.w + j) * s.c + ch];
                 }
             }
         }
@@ -195,7 +197,15 @@ pub fn diff(got: &[f32], want: &[f32]) -> Diff {
         num += e * e;
         den += (b as f64) * (b as f64);
     }
-    d.rel_max = if d.max_ref > 0.0 { d.max_abs / d.max_ref } else { d.max_abs };
-    d.rel_l2 = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+    d.rel_max = if d.max_ref > 0.0 {
+        d.max_abs / d.max_ref
+    } else {
+        d.max_abs
+    };
+    d.rel_l2 = if den > 0.0 {
+        (num / den).sqrt()
+    } else {
+        num.sqrt()
+    };
     d
 }

@@ -88,7 +88,8 @@ pub struct Gpu {
 
 fn backend_mask(allow_gl: bool) -> wgpu::Backends {
     let from_env = wgpu::Backends::from_env();
-    let mut b = from_env.unwrap_or(wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12);
+    let mut b =
+        from_env.unwrap_or(wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12);
     if allow_gl {
         b |= wgpu::Backends::GL;
     } else if from_env.is_none() {
@@ -212,7 +213,8 @@ impl Gpu {
             let lost_reason = lost_reason.clone();
             device.set_device_lost_callback(move |reason, msg| {
                 lost.store(true, Ordering::SeqCst);
-                *lost_reason.lock().unwrap_or_else(|e| e.into_inner()) = format!("{reason:?}: {msg}");
+                *lost_reason.lock().unwrap_or_else(|e| e.into_inner()) =
+                    format!("{reason:?}: {msg}");
             });
         }
         let uncaptured = Arc::new(Mutex::new(None));
@@ -252,10 +254,19 @@ impl Gpu {
     /// Device loss or an uncaptured error becomes an `Err` here; called after every wait.
     pub fn check(&self) -> Result<()> {
         if self.lost.load(Ordering::SeqCst) {
-            let why = self.lost_reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let why = self
+                .lost_reason
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             return Err(Error::DeviceLost(why));
         }
-        if let Some(e) = self.uncaptured.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(e) = self
+            .uncaptured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             if e.to_lowercase().contains("out of memory") {
                 return Err(Error::OutOfMemory(e));
             }
@@ -325,7 +336,12 @@ impl Gpu {
             header.push_str(&format!("const {k}: {} = {};\n", v.ty(), v.lit()));
         }
         let key = (kernel.name, header.clone());
-        if let Some(p) = self.pipelines.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        if let Some(p) = self
+            .pipelines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
             return Ok(p.clone());
         }
         let label = if header.is_empty() {
@@ -339,10 +355,12 @@ impl Gpu {
         })?;
         let source = format!("{header}{body}");
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(&label),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(&label),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
         let pipeline = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -369,7 +387,10 @@ impl Gpu {
 
     /// Number of pipelines compiled so far (the cache's size; tests check reuse).
     pub fn pipeline_count(&self) -> usize {
-        self.pipelines.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.pipelines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Records one dispatch. Binding 0 is `params` when given (a uniform); the storage buffers

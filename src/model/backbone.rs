@@ -97,7 +97,14 @@ pub struct BackboneBuilder<'a> {
     pub arch: BackboneArch,
 }
 
-fn conv(cin: usize, cout: usize, k: usize, stride: usize, relu: bool, residual: Residual) -> Conv2d {
+fn conv(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    relu: bool,
+    residual: Residual,
+) -> Conv2d {
     Conv2d {
         cin,
         cout,
@@ -116,7 +123,17 @@ impl<'a> BackboneBuilder<'a> {
         Ok(BackboneBuilder { gpu, ws, arch })
     }
 
-    fn conv_bn(&self, g: &mut Graph, prefix: &str, c: &str, bn: &str, op: Conv2d, x: ValueId, res: Option<ValueId>) -> Result<ValueId> {
+    /// A conv named `{prefix}{c}` with its FrozenBN `{prefix}{bn}` folded in; `cb` = (c, bn).
+    fn conv_bn(
+        &self,
+        g: &mut Graph,
+        prefix: &str,
+        cb: (&str, &str),
+        op: Conv2d,
+        x: ValueId,
+        res: Option<ValueId>,
+    ) -> Result<ValueId> {
+        let (c, bn) = cb;
         let (w, b) = self.ws.conv_bn(
             &format!("{prefix}{c}"),
             &format!("{prefix}{bn}"),
@@ -127,7 +144,14 @@ impl<'a> BackboneBuilder<'a> {
         Ok(g.conv(&name, op, weights, x, res))
     }
 
-    fn conv_bias(&self, g: &mut Graph, name: &str, op: Conv2d, x: ValueId, res: Option<ValueId>) -> Result<ValueId> {
+    fn conv_bias(
+        &self,
+        g: &mut Graph,
+        name: &str,
+        op: Conv2d,
+        x: ValueId,
+        res: Option<ValueId>,
+    ) -> Result<ValueId> {
         let (w, b) = self.ws.conv_bias(name, [op.cout, op.cin, op.kh, op.kw])?;
         let weights: Arc<ConvWeights> = Arc::new(op.upload(self.gpu, name, &w, &b)?);
         Ok(g.conv(name, op, weights, x, res))
@@ -136,7 +160,14 @@ impl<'a> BackboneBuilder<'a> {
     /// conv1 7×7/2 + bn1 + ReLU, then max pool 3×3/2.
     pub fn stem(&self, g: &mut Graph, x: ValueId) -> Result<(ValueId, ValueId)> {
         let p = "backbone.body.";
-        let c = self.conv_bn(g, p, "conv1", "bn1", conv(3, 64, 7, 2, true, Residual::None), x, None)?;
+        let c = self.conv_bn(
+            g,
+            p,
+            ("conv1", "bn1"),
+            conv(3, 64, 7, 2, true, Residual::None),
+            x,
+            None,
+        )?;
         let pooled = g.pool("backbone.body.maxpool", MaxPool2d::STEM, c);
         Ok((c, pooled))
     }
@@ -158,23 +189,67 @@ impl<'a> BackboneBuilder<'a> {
         let p = format!("backbone.body.layer{layer}.{idx}.");
         let has_down = self.ws.contains(&format!("{p}downsample.0.weight"));
         let identity = if has_down {
-            self.conv_bn(g, &p, "downsample.0", "downsample.1", conv(cin, planes * e, 1, stride, false, Residual::None), x, None)?
+            self.conv_bn(
+                g,
+                &p,
+                ("downsample.0", "downsample.1"),
+                conv(cin, planes * e, 1, stride, false, Residual::None),
+                x,
+                None,
+            )?
         } else {
             if stride != 1 || cin != planes * e {
                 return Err(Error::Weights {
                     path: self.ws.source.clone(),
-                    message: format!("tensor {p}downsample.0.weight is missing: block changes shape"),
+                    message: format!(
+                        "tensor {p}downsample.0.weight is missing: block changes shape"
+                    ),
                 });
             }
             x
         };
         if self.arch.bottleneck {
-            let a = self.conv_bn(g, &p, "conv1", "bn1", conv(cin, planes, 1, 1, true, Residual::None), x, None)?;
-            let b = self.conv_bn(g, &p, "conv2", "bn2", conv(planes, planes, 3, stride, true, Residual::None), a, None)?;
-            self.conv_bn(g, &p, "conv3", "bn3", conv(planes, planes * 4, 1, 1, true, Residual::Same), b, Some(identity))
+            let a = self.conv_bn(
+                g,
+                &p,
+                ("conv1", "bn1"),
+                conv(cin, planes, 1, 1, true, Residual::None),
+                x,
+                None,
+            )?;
+            let b = self.conv_bn(
+                g,
+                &p,
+                ("conv2", "bn2"),
+                conv(planes, planes, 3, stride, true, Residual::None),
+                a,
+                None,
+            )?;
+            self.conv_bn(
+                g,
+                &p,
+                ("conv3", "bn3"),
+                conv(planes, planes * 4, 1, 1, true, Residual::Same),
+                b,
+                Some(identity),
+            )
         } else {
-            let a = self.conv_bn(g, &p, "conv1", "bn1", conv(cin, planes, 3, stride, true, Residual::None), x, None)?;
-            self.conv_bn(g, &p, "conv2", "bn2", conv(planes, planes, 3, 1, true, Residual::Same), a, Some(identity))
+            let a = self.conv_bn(
+                g,
+                &p,
+                ("conv1", "bn1"),
+                conv(cin, planes, 3, stride, true, Residual::None),
+                x,
+                None,
+            )?;
+            self.conv_bn(
+                g,
+                &p,
+                ("conv2", "bn2"),
+                conv(planes, planes, 3, 1, true, Residual::Same),
+                a,
+                Some(identity),
+            )
         }
     }
 
@@ -199,7 +274,11 @@ impl<'a> BackboneBuilder<'a> {
         let mut p = [0; 5];
         let mut last: Option<ValueId> = None;
         for i in (0..4).rev() {
-            let residual = if last.is_some() { Residual::Nearest } else { Residual::None };
+            let residual = if last.is_some() {
+                Residual::Nearest
+            } else {
+                Residual::None
+            };
             let lat = self.conv_bias(
                 g,
                 &format!("backbone.fpn.inner_blocks.{i}.0"),
@@ -216,7 +295,11 @@ impl<'a> BackboneBuilder<'a> {
             )?;
             last = Some(lat);
         }
-        p[4] = g.pool("backbone.fpn.extra_blocks.pool", MaxPool2d::LAST_LEVEL, p[3]);
+        p[4] = g.pool(
+            "backbone.fpn.extra_blocks.pool",
+            MaxPool2d::LAST_LEVEL,
+            p[3],
+        );
         Ok(p)
     }
 

@@ -111,7 +111,11 @@ impl Graph {
         if inputs.len() != self.inputs.len() {
             return Err(Error::shape(
                 "graph",
-                format!("{} inputs given, {} expected", inputs.len(), self.inputs.len()),
+                format!(
+                    "{} inputs given, {} expected",
+                    inputs.len(),
+                    self.inputs.len()
+                ),
             ));
         }
         let mut shapes = vec![None; self.values];
@@ -140,7 +144,10 @@ impl Graph {
         let mut last_use = vec![0usize; self.values];
         for (i, n) in self.nodes.iter().enumerate() {
             last_use[n.input] = last_use[n.input].max(i);
-            if let Op::Conv { residual: Some(r), .. } = &n.op {
+            if let Op::Conv {
+                residual: Some(r), ..
+            } = &n.op
+            {
                 last_use[*r] = last_use[*r].max(i);
             }
         }
@@ -210,7 +217,10 @@ impl Graph {
             });
             // Release values whose last reader was this node.
             let mut release = vec![n.input];
-            if let Op::Conv { residual: Some(r), .. } = &n.op {
+            if let Op::Conv {
+                residual: Some(r), ..
+            } = &n.op
+            {
                 release.push(*r);
             }
             release.sort_unstable();

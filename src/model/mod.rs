@@ -81,20 +81,36 @@ impl<'g> Backbone<'g> {
     pub fn run(&mut self, image: &ImageF32) -> Result<StageOutputs> {
         let cfg = self.weights.config.transform.clone();
         if image.data.len() != 3 * image.h * image.w {
-            return Err(Error::shape("image", format!("{} values for 3x{}x{}", image.data.len(), image.h, image.w)));
+            return Err(Error::shape(
+                "image",
+                format!("{} values for 3x{}x{}", image.data.len(), image.h, image.w),
+            ));
         }
         let sizes = TransformSizes::new(image.h, image.w, &cfg)?;
         let key = (image.h, image.w);
         if !self.plans.contains_key(&key) {
-            let img = Tensor::new(self.gpu, "input image [3,H,W]", Nhwc::new(1, 3, image.h, image.w))?;
-            let x = Tensor::new(self.gpu, "transform.image", Nhwc::new(1, sizes.padded.0, sizes.padded.1, 3))?;
-            let plan = self.graph.plan(self.gpu, "backbone", std::slice::from_ref(&x))?;
+            let img = Tensor::new(
+                self.gpu,
+                "input image [3,H,W]",
+                Nhwc::new(1, 3, image.h, image.w),
+            )?;
+            let x = Tensor::new(
+                self.gpu,
+                "transform.image",
+                Nhwc::new(1, sizes.padded.0, sizes.padded.1, 3),
+            )?;
+            let plan = self
+                .graph
+                .plan(self.gpu, "backbone", std::slice::from_ref(&x))?;
             self.plans.insert(key, (img, x, plan));
         }
         let (img, x, plan) = &self.plans[&key];
-        self.gpu.queue.write_buffer(&img.buf, 0, bytemuck::cast_slice(&image.data));
+        self.gpu
+            .queue
+            .write_buffer(&img.buf, 0, bytemuck::cast_slice(&image.data));
         let t = transform::encode(self.gpu, &cfg, &sizes, &img.buf, x)?;
-        self.gpu.run("backbone", std::iter::once(&t).chain(plan.dispatches()))?;
+        self.gpu
+            .run("backbone", std::iter::once(&t).chain(plan.dispatches()))?;
         let mut tensors = vec![("transform.image".to_string(), x.shape, x.read(self.gpu)?)];
         for (name, t) in &plan.outputs {
             tensors.push((name.clone(), t.shape, t.read(self.gpu)?));
@@ -103,10 +119,19 @@ impl<'g> Backbone<'g> {
     }
 
     /// Teacher-forced: body + FPN from a given normalised, padded image [1, Hp, Wp, 3].
-    pub fn run_from_transformed(&mut self, x_nhwc: &[f32], shape: Nhwc) -> Result<Vec<(String, Nhwc, Vec<f32>)>> {
+    pub fn run_from_transformed(
+        &mut self,
+        x_nhwc: &[f32],
+        shape: Nhwc,
+    ) -> Result<Vec<(String, Nhwc, Vec<f32>)>> {
         let x = Tensor::from_host(self.gpu, "transform.image (reference)", shape, x_nhwc)?;
-        let plan = self.graph.plan(self.gpu, "backbone (teacher-forced)", std::slice::from_ref(&x))?;
-        self.gpu.run("backbone (teacher-forced)", plan.dispatches())?;
+        let plan = self.graph.plan(
+            self.gpu,
+            "backbone (teacher-forced)",
+            std::slice::from_ref(&x),
+        )?;
+        self.gpu
+            .run("backbone (teacher-forced)", plan.dispatches())?;
         plan.outputs
             .iter()
             .map(|(n, t)| Ok((n.clone(), t.shape, t.read(self.gpu)?)))

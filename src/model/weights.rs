@@ -110,22 +110,34 @@ impl WeightStore {
                 bytes.len() - 8
             )));
         }
-        let (n, meta) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| err(format!("invalid safetensors header: {e}")))?;
+        // Name the tensor and byte range a truncated file cuts, before the generic checks (which
+        // only say "incomplete metadata").
+        let n = header_len as usize;
         let data_start = 8 + n;
         let data_len = bytes.len() - data_start;
-        // Name the tensor and byte range a truncated file cuts, before the generic check does.
-        for (name, info) in meta.tensors() {
-            let (b, e) = info.data_offsets;
-            if e > data_len || b > e {
+        if let Ok(serde_json::Value::Object(header)) =
+            serde_json::from_slice::<serde_json::Value>(&bytes[8..data_start])
+        {
+            let mut cut: Vec<(u64, u64, &str)> = header
+                .iter()
+                .filter_map(|(name, v)| {
+                    let o = v.get("data_offsets")?.as_array()?;
+                    Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?, name.as_str()))
+                })
+                .filter(|(_, e, _)| *e > data_len as u64)
+                .collect();
+            cut.sort();
+            if let Some((b, e, name)) = cut.first() {
                 return Err(err(format!(
                     "tensor {name}: data bytes {}..{} lie beyond the end of the file ({} bytes): truncated",
-                    data_start + b,
-                    data_start + e,
+                    data_start as u64 + b,
+                    data_start as u64 + e,
                     bytes.len()
                 )));
             }
         }
+        let (_, meta) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| err(format!("invalid safetensors header: {e}")))?;
         let st = SafeTensors::deserialize(bytes)
             .map_err(|e| err(format!("invalid safetensors file: {e}")))?;
         let metadata: HashMap<String, String> = meta.metadata().clone().unwrap_or_default();
@@ -241,10 +253,11 @@ impl WeightStore {
 
     /// A tensor that must exist with exactly `shape`; marks it used.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<&[f32]> {
-        let t = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| self.err(format!("tensor {name} is missing (expected shape {shape:?})")))?;
+        let t = self.tensors.get(name).ok_or_else(|| {
+            self.err(format!(
+                "tensor {name} is missing (expected shape {shape:?})"
+            ))
+        })?;
         if t.shape != shape {
             return Err(self.err(format!(
                 "tensor {name} has shape {:?}, expected {shape:?}",
@@ -283,7 +296,11 @@ impl WeightStore {
     /// Names outside the parts marrow knows (backbone, rpn, roi_heads, refine).
     pub fn check_known_prefixes(&self) -> Result<()> {
         const KNOWN: [&str; 4] = ["backbone.", "rpn.", "roi_heads.", "refine."];
-        if let Some(n) = self.tensors.keys().find(|n| !KNOWN.iter().any(|k| n.starts_with(k))) {
+        if let Some(n) = self
+            .tensors
+            .keys()
+            .find(|n| !KNOWN.iter().any(|k| n.starts_with(k)))
+        {
             return Err(self.err(format!(
                 "unexpected tensor {n}: marrow knows backbone.*, rpn.*, roi_heads.* and refine.* \
                  (is this a torchvision detection checkpoint? convert it with weights/convert.py)"
@@ -333,6 +350,18 @@ impl WeightStore {
 
     /// The seedgen spec carried by a fixture, if any.
     pub fn seed_spec(&self) -> Option<&str> {
-        self.metadata.get(crate::seedgen::SEEDGEN_KEY).map(|s| s.as_str())
+        self.metadata
+            .get(crate::seedgen::SEEDGEN_KEY)
+            .map(|s| s.as_str())
+    }
+}
+
+impl std::fmt::Debug for WeightStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeightStore")
+            .field("source", &self.source)
+            .field("tensors", &self.tensors.len())
+            .field("hash", &format_args!("{:016x}", self.hash))
+            .finish()
     }
 }

@@ -69,7 +69,10 @@ impl Conv2d {
         if h + 2 * self.pad < self.kh || w + 2 * self.pad < self.kw || self.stride == 0 {
             return Err(Error::shape(
                 "conv2d",
-                format!("input {h}x{w} is smaller than the {}x{} kernel", self.kh, self.kw),
+                format!(
+                    "input {h}x{w} is smaller than the {}x{} kernel",
+                    self.kh, self.kw
+                ),
             ));
         }
         Ok((
@@ -82,7 +85,10 @@ impl Conv2d {
         if x.c != self.cin {
             return Err(Error::shape(
                 "conv2d",
-                format!("input {x} has {} channels, the layer expects {}", x.c, self.cin),
+                format!(
+                    "input {x} has {} channels, the layer expects {}",
+                    x.c, self.cin
+                ),
             ));
         }
         let (oh, ow) = self.out_hw(x.h, x.w)?;
@@ -107,7 +113,13 @@ impl Conv2d {
     }
 
     /// Uploads OIHW weights and a bias (already BN-folded).
-    pub fn upload(&self, gpu: &Gpu, label: &str, oihw: &[f32], bias: &[f32]) -> Result<ConvWeights> {
+    pub fn upload(
+        &self,
+        gpu: &Gpu,
+        label: &str,
+        oihw: &[f32],
+        bias: &[f32],
+    ) -> Result<ConvWeights> {
         if oihw.len() != self.cout * self.k() || bias.len() != self.cout {
             return Err(Error::shape(
                 label,
@@ -166,12 +178,17 @@ impl Conv2d {
     ) -> Result<Dispatch> {
         let out = self.out_shape(x.shape)?;
         if y.shape != out {
-            return Err(Error::shape(label, format!("output is {}, expected {out}", y.shape)));
+            return Err(Error::shape(
+                label,
+                format!("output is {}, expected {out}", y.shape),
+            ));
         }
         let (rh, rw) = match (self.residual, residual) {
             (Residual::None, None) => (0, 0),
             (Residual::Same, Some(r)) if r.shape == out => (out.h, out.w),
-            (Residual::Nearest, Some(r)) if r.shape.n == out.n && r.shape.c == out.c && r.shape.h > 0 && r.shape.w > 0 => {
+            (Residual::Nearest, Some(r))
+                if r.shape.n == out.n && r.shape.c == out.c && r.shape.h > 0 && r.shape.w > 0 =>
+            {
                 (r.shape.h, r.shape.w)
             }
             (mode, r) => {
@@ -185,8 +202,13 @@ impl Conv2d {
             }
         };
         let m = out.n * out.h * out.w;
-        if m > u32::MAX as usize || x.shape.len() > u32::MAX as usize || y.shape.len() > u32::MAX as usize {
-            return Err(Error::TooLarge(format!("{label}: tensor exceeds 2^32 elements")));
+        if m > u32::MAX as usize
+            || x.shape.len() > u32::MAX as usize
+            || y.shape.len() > u32::MAX as usize
+        {
+            return Err(Error::TooLarge(format!(
+                "{label}: tensor exceeds 2^32 elements"
+            )));
         }
         let params = Params {
             n: out.n as u32,
@@ -198,8 +220,16 @@ impl Conv2d {
             rh: rh as u32,
             rw: rw as u32,
             // ATen: scale = (float)in / out, in f32, used only off the identity / exact-2x paths.
-            scale_h: if out.h > 0 { rh as f32 / out.h as f32 } else { 0.0 },
-            scale_w: if out.w > 0 { rw as f32 / out.w as f32 } else { 0.0 },
+            scale_h: if out.h > 0 {
+                rh as f32 / out.h as f32
+            } else {
+                0.0
+            },
+            scale_w: if out.w > 0 {
+                rw as f32 / out.w as f32
+            } else {
+                0.0
+            },
             pad0: 0,
             pad1: 0,
         };

@@ -31,12 +31,24 @@ struct Params {
 
 impl MaxPool2d {
     /// The ResNet stem pool.
-    pub const STEM: MaxPool2d = MaxPool2d { ksize: 3, stride: 2, pad: 1 };
+    pub const STEM: MaxPool2d = MaxPool2d {
+        ksize: 3,
+        stride: 2,
+        pad: 1,
+    };
     /// FPN's LastLevelMaxPool: max_pool2d(P5, 1, 2, 0).
-    pub const LAST_LEVEL: MaxPool2d = MaxPool2d { ksize: 1, stride: 2, pad: 0 };
+    pub const LAST_LEVEL: MaxPool2d = MaxPool2d {
+        ksize: 1,
+        stride: 2,
+        pad: 0,
+    };
 
     pub fn out_shape(&self, x: Nhwc) -> Result<Nhwc> {
-        if self.stride == 0 || x.h + 2 * self.pad < self.ksize || x.w + 2 * self.pad < self.ksize || 2 * self.pad > self.ksize {
+        if self.stride == 0
+            || x.h + 2 * self.pad < self.ksize
+            || x.w + 2 * self.pad < self.ksize
+            || 2 * self.pad > self.ksize
+        {
             return Err(Error::shape("maxpool2d", format!("input {x} for {self:?}")));
         }
         // floor mode (ceil_mode=False everywhere in this model).
@@ -51,13 +63,20 @@ impl MaxPool2d {
     pub fn encode(&self, gpu: &Gpu, label: &str, x: &Tensor, y: &Tensor) -> Result<Dispatch> {
         let out = self.out_shape(x.shape)?;
         if y.shape != out {
-            return Err(Error::shape(label, format!("output is {}, expected {out}", y.shape)));
+            return Err(Error::shape(
+                label,
+                format!("output is {}, expected {out}", y.shape),
+            ));
         }
         let total = out.len();
         let u = |v: usize| ConstVal::U32(v as u32);
         let pipeline = gpu.pipeline(
             &KERNEL,
-            &[("KSIZE", u(self.ksize)), ("STRIDE", u(self.stride)), ("PAD", u(self.pad))],
+            &[
+                ("KSIZE", u(self.ksize)),
+                ("STRIDE", u(self.stride)),
+                ("PAD", u(self.pad)),
+            ],
         )?;
         let params = Params {
             n: out.n as u32,
@@ -70,7 +89,13 @@ impl MaxPool2d {
             pad0: 0,
         };
         let ubuf = gpu.uniform(&format!("{label} params"), &params);
-        gpu.dispatch(label, &pipeline, Some(&ubuf), &[&x.buf, &y.buf], grid_1d(total))
+        gpu.dispatch(
+            label,
+            &pipeline,
+            Some(&ubuf),
+            &[&x.buf, &y.buf],
+            grid_1d(total),
+        )
     }
 }
 

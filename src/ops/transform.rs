@@ -16,7 +16,9 @@ pub const KERNEL: Kernel = Kernel {
 /// shapes land one pixel short (97×97 → 799×799 at min_size 800).
 pub fn resized_size(h: usize, w: usize, min_size: u32, max_size: u32) -> Result<(usize, usize)> {
     if h == 0 || w == 0 {
-        return Err(Error::Invalid(format!("image of size {h}x{w} has no pixels")));
+        return Err(Error::Invalid(format!(
+            "image of size {h}x{w} has no pixels"
+        )));
     }
     let (lo, hi) = (h.min(w) as f64, h.max(w) as f64);
     let scale = f64::min(min_size as f64 / lo, max_size as f64 / hi);
@@ -70,7 +72,10 @@ impl TransformSizes {
         Ok(TransformSizes {
             orig: (h, w),
             resized,
-            padded: (padded(resized.0, cfg.size_divisible), padded(resized.1, cfg.size_divisible)),
+            padded: (
+                padded(resized.0, cfg.size_divisible),
+                padded(resized.1, cfg.size_divisible),
+            ),
         })
     }
 }
@@ -109,7 +114,10 @@ pub fn encode(
         ));
     }
     if image.size() < (3 * h * w * 4) as u64 {
-        return Err(Error::shape("transform", format!("image buffer too small for 3x{h}x{w}")));
+        return Err(Error::shape(
+            "transform",
+            format!("image buffer too small for 3x{h}x{w}"),
+        ));
     }
     let ytab = gpu.upload("transform rows", &axis_table(h, oh))?;
     let xtab = gpu.upload("transform cols", &axis_table(w, ow))?;

@@ -12,7 +12,10 @@ pub fn gpu() -> &'static Gpu {
         let g = Gpu::new(&GpuOptions::default()).expect(
             "no GPU adapter: install Mesa's lavapipe (.ci/install-vulkan) to run the tests",
         );
-        eprintln!("adapter: {} ({}, {})", g.report.name, g.report.backend, g.report.driver_info);
+        eprintln!(
+            "adapter: {} ({}, {})",
+            g.report.name, g.report.backend, g.report.driver_info
+        );
         g
     })
 }
