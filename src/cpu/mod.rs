@@ -2,6 +2,7 @@
 //! tested against these on random shapes; they accumulate in f64 so that they are a better
 //! reference than the f32 kernels under test.
 
+pub mod box_head;
 pub mod nms;
 pub mod roi_align;
 pub mod rpn;

@@ -535,7 +535,12 @@ impl Gpu {
         self.read_back_pod(buf, count)
     }
 
-    fn read_back_pod<T: bytemuck::Pod>(&self, buf: &wgpu::Buffer, count: usize) -> Result<Vec<T>> {
+    /// Copies `count` plain values of type `T` from the start of `buf` to the host.
+    pub fn read_back_pod<T: bytemuck::Pod>(
+        &self,
+        buf: &wgpu::Buffer,
+        count: usize,
+    ) -> Result<Vec<T>> {
         let bytes = (count * std::mem::size_of::<T>()) as u64;
         if bytes == 0 {
             return Ok(Vec::new());
@@ -639,9 +644,10 @@ impl ConstVal {
             ConstVal::U32(v) => format!("{v}u"),
             ConstVal::I32(v) => format!("{v}i"),
             ConstVal::Bool(v) => format!("{v}"),
-            // Bit-exact: WGSL has no hex-float shorthand guarantee across naga versions, so pass
-            // the bits.
-            ConstVal::F32(v) => format!("bitcast<f32>({}u)", v.to_bits()),
+            // Rust prints the shortest decimal that round-trips to the same f32, and WGSL rounds
+            // an f32 literal correctly, so the constant is bit-exact. (naga does not accept
+            // bitcast in const expressions.)
+            ConstVal::F32(v) => format!("{v:?}f"),
         }
     }
 }

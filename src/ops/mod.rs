@@ -1,6 +1,7 @@
 //! One module per kernel family: an op struct with its shape checks, its pipeline variant and the
 //! dispatch it records. The WGSL lives in `shaders/<family>.wgsl`.
 
+pub mod box_head;
 pub mod conv;
 pub mod nms;
 pub mod pool;

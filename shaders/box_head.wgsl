@@ -1,0 +1,165 @@
+// Box-head post-processing (torchvision RoIHeads.postprocess_detections), in three entry points:
+//
+//   decode_classes:  one invocation per (proposal, class): softmax over the class logits (max
+//                    subtracted, exp, times the reciprocal of the sum, as the CPU kernel does),
+//                    per-class box decode with weights (10, 10, 5, 5) and the ln(1000/16) clip,
+//                    clip to the resized image; writes score and box per (proposal, class).
+//   compact:         ONE workgroup walks (proposal, class >= 1) in proposal-major, class-minor
+//                    order, keeps score > SCORE_THRESH (strict, f32) and width/height >= MIN_SIZE,
+//                    and compacts survivors in that order (a workgroup prefix sum per 256-chunk),
+//                    so the candidate order equals torchvision's flatten order exactly.
+//   finalize:        gathers the NMS survivors (already in score order, at most MAX_DET) and
+//                    rescales boxes to the original image: x * f32(W / w), y * f32(H / h)
+//                    (ratios computed on the host in f32, as torchvision's resize_boxes).
+//
+// Prepended consts: NUM_CLASSES (incl. background), SCORE_THRESH, MIN_SIZE, MAX_DET.
+
+struct Params {
+    capacity: u32,      // proposal rows
+    img_h: f32,         // resized (unpadded) size, for clipping
+    img_w: f32,
+    ratio_h: f32,       // original / resized, for the final rescale
+    ratio_w: f32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+#if DECODE
+@group(0) @binding(1) var<storage, read> logits: array<f32>;      // [K, C]
+@group(0) @binding(2) var<storage, read> deltas: array<f32>;      // [K, 4C]
+@group(0) @binding(3) var<storage, read> proposals: array<vec4<f32>>; // [K]
+@group(0) @binding(4) var<storage, read> proposal_count: array<u32>;
+@group(0) @binding(5) var<storage, read_write> cls_scores: array<f32>;       // [K, C]
+@group(0) @binding(6) var<storage, read_write> cls_boxes: array<vec4<f32>>;  // [K, C]
+
+// ln(1000 / 16) rounded to f32, as torchvision's BoxCoder clamps dw, dh.
+const BBOX_XFORM_CLIP: f32 = 4.135166556742356;
+
+@compute @workgroup_size(64, 1, 1)
+fn decode_classes(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let k = gid.y;
+    let c = gid.x;
+    if (k >= proposal_count[0] || c >= NUM_CLASSES) {
+        return;
+    }
+    let row = k * NUM_CLASSES;
+    var m = logits[row];
+    for (var j = 1u; j < NUM_CLASSES; j++) {
+        m = max(m, logits[row + j]);
+    }
+    var sum = 0.0;
+    for (var j = 0u; j < NUM_CLASSES; j++) {
+        sum += exp(logits[row + j] - m);
+    }
+    cls_scores[row + c] = exp(logits[row + c] - m) * (1.0 / sum);
+
+    let b = proposals[k];
+    let w = b.z - b.x;
+    let h = b.w - b.y;
+    let cx = b.x + 0.5 * w;
+    let cy = b.y + 0.5 * h;
+    let d = 4u * (row + c);
+    let dx = deltas[d] / 10.0;
+    let dy = deltas[d + 1u] / 10.0;
+    let dw = min(deltas[d + 2u] / 5.0, BBOX_XFORM_CLIP);
+    let dh = min(deltas[d + 3u] / 5.0, BBOX_XFORM_CLIP);
+    let pcx = dx * w + cx;
+    let pcy = dy * h + cy;
+    let pw = exp(dw) * w;
+    let ph = exp(dh) * h;
+    let x1 = clamp(pcx - 0.5 * pw, 0.0, p.img_w);
+    let y1 = clamp(pcy - 0.5 * ph, 0.0, p.img_h);
+    let x2 = clamp(pcx + 0.5 * pw, 0.0, p.img_w);
+    let y2 = clamp(pcy + 0.5 * ph, 0.0, p.img_h);
+    cls_boxes[row + c] = vec4<f32>(x1, y1, x2, y2);
+}
+#endif
+
+#if COMPACT
+@group(0) @binding(1) var<storage, read> cls_scores: array<f32>;
+@group(0) @binding(2) var<storage, read> cls_boxes: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> proposal_count: array<u32>;
+@group(0) @binding(4) var<storage, read_write> cand_boxes: array<vec4<f32>>;  // [K*(C-1)]
+@group(0) @binding(5) var<storage, read_write> cand_scores: array<f32>;
+@group(0) @binding(6) var<storage, read_write> cand_labels: array<u32>;
+@group(0) @binding(7) var<storage, read_write> cand_count: array<u32>;
+
+var<workgroup> scan: array<u32, 256>;
+
+@compute @workgroup_size(256, 1, 1)
+fn compact(@builtin(local_invocation_index) t: u32) {
+    let per = NUM_CLASSES - 1u;
+    let total = proposal_count[0] * per;
+    var base = 0u;
+    for (var start = 0u; start < total; start += 256u) {
+        let i = start + t;
+        var keep = 0u;
+        var s = 0.0;
+        var b = vec4<f32>(0.0);
+        var label = 0u;
+        if (i < total) {
+            let k = i / per;
+            label = i % per + 1u;
+            s = cls_scores[k * NUM_CLASSES + label];
+            b = cls_boxes[k * NUM_CLASSES + label];
+            // score > thresh (strict); remove_small_boxes keeps w >= min and h >= min (NaN drops).
+            if (s > SCORE_THRESH && (b.z - b.x) >= MIN_SIZE && (b.w - b.y) >= MIN_SIZE) {
+                keep = 1u;
+            }
+        }
+        // Inclusive Hillis-Steele scan of the keep flags.
+        scan[t] = keep;
+        workgroupBarrier();
+        for (var off = 1u; off < 256u; off <<= 1u) {
+            var v = 0u;
+            if (t >= off) {
+                v = scan[t - off];
+            }
+            workgroupBarrier();
+            scan[t] += v;
+            workgroupBarrier();
+        }
+        if (keep == 1u) {
+            let o = base + scan[t] - 1u;
+            cand_boxes[o] = b;
+            cand_scores[o] = s;
+            cand_labels[o] = label;
+        }
+        base += scan[255];
+        workgroupBarrier();
+    }
+    if (t == 0u) {
+        cand_count[0] = base;
+    }
+}
+#endif
+
+#if FINALIZE
+@group(0) @binding(1) var<storage, read> cand_boxes: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> cand_scores: array<f32>;
+@group(0) @binding(3) var<storage, read> cand_labels: array<u32>;
+@group(0) @binding(4) var<storage, read> keep: array<u32>;
+@group(0) @binding(5) var<storage, read> keep_count: array<u32>;
+// [MAX_DET] rows of (x1, y1, x2, y2, score, label as f32, 0, 0), then the count in det_count.
+@group(0) @binding(6) var<storage, read_write> dets: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read_write> det_count: array<u32>;
+
+@compute @workgroup_size(64, 1, 1)
+fn finalize(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let n = min(keep_count[0], MAX_DET);
+    let i = gid.x;
+    if (i == 0u) {
+        det_count[0] = n;
+    }
+    if (i >= n) {
+        return;
+    }
+    let j = keep[i];
+    let b = cand_boxes[j];
+    dets[2u * i] = vec4<f32>(b.x * p.ratio_w, b.y * p.ratio_h, b.z * p.ratio_w, b.w * p.ratio_h);
+    dets[2u * i + 1u] = vec4<f32>(cand_scores[j], f32(cand_labels[j]), 0.0, 0.0);
+}
+#endif
