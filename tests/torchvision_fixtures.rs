@@ -245,3 +245,43 @@ fn resize_rule_truncation_examples_from_the_spec() {
     assert_eq!(resized_size(480, 640, 800, 1333).unwrap(), (800, 1066));
     assert_eq!(resized_size(800, 800, 800, 1333).unwrap(), (800, 800));
 }
+
+#[test]
+fn rpn_head_teacher_forced_from_reference_fpn() {
+    use marrow::model::heads::RpnHead;
+    let g = gpu();
+    for file in [
+        "image_land_120x160.safetensors",
+        "image_pool61_50x210.safetensors",
+    ] {
+        let dump = RefDump::open(&fixture(file)).unwrap();
+        let ws = dump.seeded_weights().unwrap().unwrap();
+        let head = RpnHead::load(g, &ws, 64).unwrap();
+        let mut graph = Graph::default();
+        let names = marrow::model::backbone::FPN_NAMES;
+        let ins: Vec<usize> = names.iter().map(|n| graph.input(n)).collect();
+        let outs = head.add(&mut graph, &ins);
+        for (l, (o, _)) in outs.iter().enumerate() {
+            graph.output(&format!("obj{l}"), *o);
+        }
+        let tensors: Vec<Tensor> = names
+            .iter()
+            .map(|n| {
+                let (s, v) = nhwc_input(&dump, n);
+                Tensor::from_host(g, n, s, &v).unwrap()
+            })
+            .collect();
+        let plan = graph.plan(g, "rpn head", &tensors).unwrap();
+        g.run("rpn head", plan.dispatches()).unwrap();
+        // NHWC [1, H, W, A] flattens to torchvision's (h, w, a) order; levels concatenate.
+        let mut got = Vec::new();
+        for l in 0..5 {
+            got.extend(plan.output(&format!("obj{l}")).unwrap().read(g).unwrap());
+        }
+        let want = dump.tensors["rpn.logits"].f32().unwrap();
+        assert_eq!(got.len(), want.len(), "{file}: anchor count");
+        let d = cpu::diff(&got, want);
+        eprintln!("{file}: rpn.logits rel_max {:.3e}", d.rel_max);
+        assert!(d.rel_max <= 1e-5, "{file}: {d:?}");
+    }
+}

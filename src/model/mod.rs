@@ -3,6 +3,7 @@
 pub mod backbone;
 pub mod config;
 pub mod graph;
+pub mod heads;
 pub mod weights;
 
 use std::collections::HashMap;
