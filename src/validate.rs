@@ -402,3 +402,221 @@ pub fn unchecked_stages(dump: &RefDump) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Set matching of proposals and detections (torchvision-semantics §14.4).
+pub mod matching {
+    /// IoU in f64 (a measurement, not a model decision).
+    pub fn iou(a: &[f32; 4], b: &[f32; 4]) -> f64 {
+        let (a, b) = (a.map(|v| v as f64), b.map(|v| v as f64));
+        let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+        let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+        let inter = iw * ih;
+        let u = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter;
+        if u > 0.0 {
+            inter / u
+        } else if a == b {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
+    fn linf(a: &[f32; 4], b: &[f32; 4]) -> f64 {
+        (0..4)
+            .map(|i| (a[i] as f64 - b[i] as f64).abs())
+            .fold(0.0, f64::max)
+    }
+
+    #[derive(Debug, Clone, Copy, Default, PartialEq)]
+    pub struct ProposalMatch {
+        pub reference: usize,
+        pub engine: usize,
+        pub matched: usize,
+        /// Largest |Δscore| over matched pairs.
+        pub max_dscore: f64,
+        pub mean_iou: f64,
+    }
+
+    impl ProposalMatch {
+        pub fn fraction(&self) -> f64 {
+            if self.reference == 0 {
+                1.0
+            } else {
+                self.matched as f64 / self.reference as f64
+            }
+        }
+    }
+
+    /// Greedy one-to-one: each reference box (in reference order) takes the best unmatched engine
+    /// box with IoU ≥ 0.99 or L∞ ≤ 0.05 px.
+    pub fn proposals(
+        got: &[[f32; 4]],
+        got_scores: &[f32],
+        want: &[[f32; 4]],
+        want_scores: &[f32],
+    ) -> ProposalMatch {
+        let mut used = vec![false; got.len()];
+        let mut m = ProposalMatch {
+            reference: want.len(),
+            engine: got.len(),
+            ..Default::default()
+        };
+        let mut iou_sum = 0.0;
+        for (i, w) in want.iter().enumerate() {
+            let mut best: Option<(usize, f64)> = None;
+            for (j, g) in got.iter().enumerate() {
+                if used[j] {
+                    continue;
+                }
+                let v = iou(w, g);
+                if (v >= 0.99 || linf(w, g) <= 0.05) && best.is_none_or(|(_, b)| v > b) {
+                    best = Some((j, v));
+                }
+            }
+            if let Some((j, v)) = best {
+                used[j] = true;
+                m.matched += 1;
+                iou_sum += v;
+                m.max_dscore = m
+                    .max_dscore
+                    .max((got_scores[j] as f64 - want_scores[i] as f64).abs());
+            }
+        }
+        m.mean_iou = if m.matched > 0 {
+            iou_sum / m.matched as f64
+        } else {
+            1.0
+        };
+        m
+    }
+
+    /// One detection: box, score, label.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub struct Det {
+        pub bbox: [f32; 4],
+        pub score: f32,
+        pub label: i64,
+    }
+
+    #[derive(Debug, Clone, Default, PartialEq)]
+    pub struct DetMatch {
+        pub reference: usize,
+        pub engine: usize,
+        pub matched: usize,
+        /// Unmatched reference detections with an explanation (near the 0.05 score threshold,
+        /// at the top-100 boundary, or with a same-label competitor at IoU ≈ NMS threshold).
+        pub explainable: usize,
+        pub unexplained: usize,
+        pub max_dscore: f64,
+        pub mean_iou: f64,
+    }
+
+    /// Matches engine detections to reference ones: same label, IoU ≥ `min_iou`, |Δscore| ≤
+    /// `max_dscore`. `score_thresh`, `nms_thresh` and `max_det` are the model's, used only to
+    /// decide whether a miss is explainable (δ = 1e-3).
+    pub fn detections(
+        got: &[Det],
+        want: &[Det],
+        min_iou: f64,
+        max_dscore: f64,
+        score_thresh: f32,
+        nms_thresh: f32,
+        max_det: usize,
+    ) -> DetMatch {
+        const DELTA: f64 = 1e-3;
+        let mut used = vec![false; got.len()];
+        let mut m = DetMatch {
+            reference: want.len(),
+            engine: got.len(),
+            ..Default::default()
+        };
+        let mut iou_sum = 0.0;
+        let last_score = want.iter().map(|d| d.score).fold(f32::INFINITY, f32::min) as f64;
+        for (i, w) in want.iter().enumerate() {
+            let mut best: Option<(usize, f64)> = None;
+            for (j, g) in got.iter().enumerate() {
+                if used[j]
+                    || g.label != w.label
+                    || (g.score as f64 - w.score as f64).abs() > max_dscore
+                {
+                    continue;
+                }
+                let v = iou(&w.bbox, &g.bbox);
+                if v >= min_iou && best.is_none_or(|(_, b)| v > b) {
+                    best = Some((j, v));
+                }
+            }
+            match best {
+                Some((j, v)) => {
+                    used[j] = true;
+                    m.matched += 1;
+                    iou_sum += v;
+                    m.max_dscore = m
+                        .max_dscore
+                        .max((got[j].score as f64 - w.score as f64).abs());
+                }
+                None => {
+                    let s = w.score as f64;
+                    let near_thresh = (s - score_thresh as f64).abs() <= DELTA;
+                    let at_cut = want.len() >= max_det
+                        && i + 5 >= max_det
+                        && (s - last_score).abs() <= DELTA;
+                    let nms_edge = want.iter().enumerate().any(|(k, o)| {
+                        k != i
+                            && o.label == w.label
+                            && (iou(&o.bbox, &w.bbox) - nms_thresh as f64).abs() <= DELTA
+                    });
+                    if near_thresh || at_cut || nms_edge {
+                        m.explainable += 1;
+                    } else {
+                        m.unexplained += 1;
+                    }
+                }
+            }
+        }
+        m.mean_iou = if m.matched > 0 {
+            iou_sum / m.matched as f64
+        } else {
+            1.0
+        };
+        m
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn proposals_match_one_to_one() {
+            let want = [
+                [0.0, 0.0, 10.0, 10.0],
+                [0.0, 0.0, 10.0, 10.0],
+                [50.0, 50.0, 60.0, 60.0],
+            ];
+            let got = [[0.0, 0.0, 10.0, 10.01], [100.0, 100.0, 110.0, 110.0]];
+            let m = proposals(&got, &[0.5, 0.5], &want, &[0.5, 0.5, 0.5]);
+            assert_eq!((m.matched, m.reference, m.engine), (1, 3, 2));
+            assert!((m.fraction() - 1.0 / 3.0).abs() < 1e-12);
+        }
+
+        #[test]
+        fn detections_classify_misses() {
+            let d = |x: f32, s: f32, l: i64| Det {
+                bbox: [x, 0.0, x + 10.0, 10.0],
+                score: s,
+                label: l,
+            };
+            let want = [
+                d(0.0, 0.9, 1),
+                d(20.0, 0.0505, 1),
+                d(40.0, 0.8, 2),
+                d(60.0, 0.7, 1),
+            ];
+            let got = [d(0.0, 0.9, 1), d(40.0, 0.8, 1)];
+            let m = detections(&got, &want, 0.98, 1e-3, 0.05, 0.5, 100);
+            assert_eq!(m.matched, 1);
+            assert_eq!(m.explainable, 1, "0.0505 is within δ of the 0.05 threshold");
+            assert_eq!(m.unexplained, 2, "a label mismatch and a plain miss");
+        }
+    }
+}
