@@ -163,3 +163,30 @@ fn finalize(@builtin(global_invocation_id) gid: vec3<u32>) {
     dets[2u * i + 1u] = vec4<f32>(cand_scores[j], f32(cand_labels[j]), 0.0, 0.0);
 }
 #endif
+
+#if GATHER
+// Selected rows: out[i] = rows[keep[i]] (box and score) for i < min(keep_count, MAX_DET);
+// out_count = that count. Turns NMS keep lists into the next stage's compact inputs (RPN
+// proposals for RoIAlign).
+@group(0) @binding(1) var<storage, read> src_boxes: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> src_scores: array<f32>;
+@group(0) @binding(3) var<storage, read> keep: array<u32>;
+@group(0) @binding(4) var<storage, read> keep_count: array<u32>;
+@group(0) @binding(5) var<storage, read_write> out_boxes: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> out_scores: array<f32>;
+@group(0) @binding(7) var<storage, read_write> out_count: array<u32>;
+
+@compute @workgroup_size(64, 1, 1)
+fn gather_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let n = min(keep_count[0], MAX_DET);
+    let i = gid.x;
+    if (i == 0u) {
+        out_count[0] = n;
+    }
+    if (i >= n) {
+        return;
+    }
+    out_boxes[i] = src_boxes[keep[i]];
+    out_scores[i] = src_scores[keep[i]];
+}
+#endif

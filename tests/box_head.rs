@@ -186,3 +186,48 @@ fn candidates_and_finalize_match_cpu() {
         }
     }
 }
+
+#[test]
+fn gather_rows_matches_cpu() {
+    use marrow::ops::box_head::GatherRows;
+    let g = gpu();
+    let mut rng = Rng::for_test("gather_rows_matches_cpu");
+    for _ in 0..4 {
+        let n = rng.range(1, 3000);
+        let max_rows = rng.range(1, 1000);
+        let boxes: Vec<[f32; 4]> = (0..n)
+            .map(|_| [rng.uniform(), rng.uniform(), rng.uniform(), rng.uniform()])
+            .collect();
+        let scores = rng.vec(n, 0.0, 1.0);
+        let kept = rng.range(0, n.min(1500));
+        let keep: Vec<u32> = (0..kept).map(|_| rng.range(0, n - 1) as u32).collect();
+        let bb = g.upload("boxes", &boxes).unwrap();
+        let sb = g.upload("scores", &scores).unwrap();
+        let kb = g
+            .upload(
+                "keep",
+                &if keep.is_empty() {
+                    vec![0]
+                } else {
+                    keep.clone()
+                },
+            )
+            .unwrap();
+        let kc = g.upload("keep count", &[kept as u32]).unwrap();
+        let ob = g.storage("out boxes", max_rows as u64 * 16).unwrap();
+        let os = g.storage("out scores", max_rows as u64 * 4).unwrap();
+        let oc = g.storage("out count", 4).unwrap();
+        let d = GatherRows { max_rows }
+            .encode(g, "gather", &bb, &sb, &kb, &kc, &ob, &os, &oc)
+            .unwrap();
+        g.run("gather", [&d]).unwrap();
+        let m = g.read_back_pod::<u32>(&oc, 1).unwrap()[0] as usize;
+        assert_eq!(m, kept.min(max_rows));
+        let gb: Vec<[f32; 4]> = g.read_back_pod(&ob, m).unwrap();
+        let gs: Vec<f32> = g.read_back_pod(&os, m).unwrap();
+        for i in 0..m {
+            assert_eq!(gb[i], boxes[keep[i] as usize]);
+            assert_eq!(gs[i], scores[keep[i] as usize]);
+        }
+    }
+}

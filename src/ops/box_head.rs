@@ -17,6 +17,11 @@ pub const KERNEL_COMPACT: Kernel = Kernel {
     source: include_str!("../../shaders/box_head.wgsl"),
     entry: "compact",
 };
+pub const KERNEL_GATHER: Kernel = Kernel {
+    name: "box_head.gather_rows",
+    source: include_str!("../../shaders/box_head.wgsl"),
+    entry: "gather_rows",
+};
 pub const KERNEL_FINALIZE: Kernel = Kernel {
     name: "box_head.finalize",
     source: include_str!("../../shaders/box_head.wgsl"),
@@ -84,6 +89,7 @@ impl BoxPostprocess {
             ("DECODE", ConstVal::Bool(which == "decode")),
             ("COMPACT", ConstVal::Bool(which == "compact")),
             ("FINALIZE", ConstVal::Bool(which == "finalize")),
+            ("GATHER", ConstVal::Bool(which == "gather")),
         ]
     }
 
@@ -224,6 +230,57 @@ impl BoxPostprocess {
                 det_count,
             ],
             [self.max_det.div_ceil(64).max(1) as u32, 1, 1],
+        )
+    }
+}
+
+/// `out[i] = src[keep[i]]` for boxes ([N,4] f32) and scores, for i < min(keep_count, max_rows);
+/// writes that count to `out_count[0]`. Used to turn the RPN's NMS keep list into proposals.
+pub struct GatherRows {
+    pub max_rows: usize,
+}
+
+impl GatherRows {
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode(
+        &self,
+        gpu: &Gpu,
+        label: &str,
+        src_boxes: &wgpu::Buffer,
+        src_scores: &wgpu::Buffer,
+        keep: &wgpu::Buffer,
+        keep_count: &wgpu::Buffer,
+        out_boxes: &wgpu::Buffer,
+        out_scores: &wgpu::Buffer,
+        out_count: &wgpu::Buffer,
+    ) -> Result<Dispatch> {
+        if out_boxes.size() < self.max_rows as u64 * 16
+            || out_scores.size() < self.max_rows as u64 * 4
+        {
+            return Err(Error::shape(
+                label,
+                "gather output buffers smaller than max_rows",
+            ));
+        }
+        let consts = [
+            ("NUM_CLASSES", ConstVal::U32(2)),
+            ("SCORE_THRESH", ConstVal::F32(0.0)),
+            ("MIN_SIZE", ConstVal::F32(0.0)),
+            ("MAX_DET", ConstVal::U32(self.max_rows as u32)),
+            ("DECODE", ConstVal::Bool(false)),
+            ("COMPACT", ConstVal::Bool(false)),
+            ("FINALIZE", ConstVal::Bool(false)),
+            ("GATHER", ConstVal::Bool(true)),
+        ];
+        let pipeline = gpu.pipeline(&KERNEL_GATHER, &consts)?;
+        gpu.dispatch(
+            label,
+            &pipeline,
+            None,
+            &[
+                src_boxes, src_scores, keep, keep_count, out_boxes, out_scores, out_count,
+            ],
+            [self.max_rows.div_ceil(64).max(1) as u32, 1, 1],
         )
     }
 }
