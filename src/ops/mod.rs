@@ -7,6 +7,7 @@ pub mod nms;
 pub mod pool;
 pub mod roi_align;
 pub mod rpn;
+pub mod topk;
 pub mod transform;
 
 /// Ceil-divide for workgroup counts.
