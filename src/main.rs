@@ -40,6 +40,19 @@ enum Cmd {
         #[arg(long)]
         reference: PathBuf,
     },
+    /// Detect cells in an image: every detection (torchvision's output), then counts per class
+    /// above the counting threshold.
+    Detect {
+        image: PathBuf,
+        #[arg(long)]
+        weights: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Confidence a detection needs to be counted (the paper's 0.7).
+        #[arg(long, default_value_t = 0.7)]
+        count_threshold: f32,
+    },
     /// Run transform + ResNet body + FPN on an image and print the feature pyramid and timing.
     Features {
         image: PathBuf,
@@ -132,7 +145,15 @@ fn run(cli: Cli) -> marrow::Result<ExitCode> {
             );
             println!("reference: {}", reference.display());
             let t = std::time::Instant::now();
-            let report = validate::validate_backbone(&g, ws, &dump)?;
+            let mut report = validate::validate_backbone(&g, ws.clone(), &dump)?;
+            let has_heads = ["rpn.proposals", "box.logits", "det.boxes"]
+                .iter()
+                .any(|n| dump.tensors.contains_key(*n));
+            if has_heads {
+                report
+                    .rows
+                    .extend(validate::validate_heads(&g, ws, &dump)?.rows);
+            }
             print!("{}", report.table());
             let rest = validate::unchecked_stages(&dump);
             if !rest.is_empty() {
@@ -151,6 +172,95 @@ fn run(cli: Cli) -> marrow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Cmd::Detect {
+            image,
+            weights,
+            json,
+            count_threshold,
+        } => {
+            if !(0.0..=1.0).contains(count_threshold) {
+                return Err(marrow::Error::Invalid(format!(
+                    "--count-threshold {count_threshold} must be in [0, 1]"
+                )));
+            }
+            let ws = WeightStore::open(weights)?;
+            let img = marrow::image_io::load_rgb(image)?;
+            let g = open_gpu(&cli)?;
+            let hash = ws.hash;
+            let mut det = marrow::model::detector::Detector::new(&g, ws)?;
+            let t = std::time::Instant::now();
+            let out = det.detect(&img)?;
+            let secs = t.elapsed().as_secs_f64();
+            let mut counts: Vec<(String, usize)> = (1..det.num_classes)
+                .map(|c| (det.class_name(c), 0))
+                .collect();
+            for d in &out.detections {
+                if d.score >= *count_threshold && d.label >= 1 && d.label < det.num_classes {
+                    counts[d.label - 1].1 += 1;
+                }
+            }
+            if *json {
+                let dets: Vec<serde_json::Value> = out
+                    .detections
+                    .iter()
+                    .map(|d| {
+                        serde_json::json!({
+                            "bbox": d.bbox, "score": d.score, "label": d.label,
+                            "class": det.class_name(d.label),
+                        })
+                    })
+                    .collect();
+                let doc = serde_json::json!({
+                    "marrow_version": env!("CARGO_PKG_VERSION"),
+                    "notice": "For research use only. Not for diagnostic use.",
+                    "image": image.display().to_string(),
+                    "image_size": [img.h, img.w],
+                    "weights": weights.display().to_string(),
+                    "weights_hash": format!("{hash:016x}"),
+                    "adapter": g.report.name,
+                    "count_threshold": count_threshold,
+                    "box_score_threshold": det.weights.config.box_head.score_thresh,
+                    "nms_threshold": det.weights.config.box_head.nms_thresh,
+                    "counts": counts.iter().map(|(n, c)| (n.clone(), *c)).collect::<std::collections::BTreeMap<_, _>>(),
+                    "detections": dets,
+                    "seconds": secs,
+                });
+                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            } else {
+                println!(
+                    "marrow {} — for research use only",
+                    env!("CARGO_PKG_VERSION")
+                );
+                println!(
+                    "image {} ({}x{}), weights {} (hash {hash:016x})",
+                    image.display(),
+                    img.h,
+                    img.w,
+                    weights.display()
+                );
+                println!(
+                    "{:>4}  {:<16} {:>7}  box (x1, y1, x2, y2)",
+                    "#", "class", "score"
+                );
+                for (i, d) in out.detections.iter().enumerate() {
+                    println!(
+                        "{i:>4}  {:<16} {:>7.4}  ({:.1}, {:.1}, {:.1}, {:.1})",
+                        det.class_name(d.label),
+                        d.score,
+                        d.bbox[0],
+                        d.bbox[1],
+                        d.bbox[2],
+                        d.bbox[3]
+                    );
+                }
+                println!("counts at score ≥ {count_threshold}:");
+                for (n, c) in &counts {
+                    println!("  {n:<16} {c}");
+                }
+                println!("{} detections in {secs:.2} s", out.detections.len());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Features { image, weights } => {
             let ws = WeightStore::open(weights)?;

@@ -53,7 +53,7 @@ fn draw(rng: &mut Rng, k: usize, c: usize, resized: (usize, usize)) -> Case {
 fn near_decision(case: &Case, op: &BoxPostprocess) -> bool {
     for k in 0..case.k {
         let s = cpu::softmax(&case.logits[k * case.c..(k + 1) * case.c]);
-        for cl in 1..case.c {
+        for (cl, &score) in s.iter().enumerate().skip(1) {
             let d = &case.deltas[(k * case.c + cl) * 4..][..4];
             let b = cpu::clip(
                 cpu::decode(
@@ -63,7 +63,7 @@ fn near_decision(case: &Case, op: &BoxPostprocess) -> bool {
                 ),
                 (case.resized.0 as f32, case.resized.1 as f32),
             );
-            if (s[cl] - op.score_thresh).abs() < 1e-5
+            if (score - op.score_thresh).abs() < 1e-5
                 || ((b[2] - b[0]) - op.min_size).abs() < 1e-3
                 || ((b[3] - b[1]) - op.min_size).abs() < 1e-3
             {
@@ -140,8 +140,8 @@ fn candidates_and_finalize_match_cpu() {
                 scores[i],
                 want[i].score
             );
-            for j in 0..4 {
-                max_box = max_box.max((boxes[i][j] - want[i].bbox[j]).abs());
+            for (g, w) in boxes[i].iter().zip(want[i].bbox) {
+                max_box = max_box.max((g - w).abs());
             }
         }
         assert!(

@@ -62,6 +62,7 @@ pub struct Kernel {
 }
 
 /// One recorded compute dispatch: a pipeline, its bind group and a grid.
+#[derive(Clone)]
 pub struct Dispatch {
     pub label: String,
     pipeline: Arc<wgpu::ComputePipeline>,
@@ -533,6 +534,52 @@ impl Gpu {
     /// Copies `count` f32 values from the start of `buf` to the host.
     pub fn read_back(&self, buf: &wgpu::Buffer, count: usize) -> Result<Vec<f32>> {
         self.read_back_pod(buf, count)
+    }
+
+    /// Reads several buffers back with one copy submission and one map: the single read-back at
+    /// the end of an image. `parts` are (buffer, bytes from its start).
+    pub fn read_back_many(&self, parts: &[(&wgpu::Buffer, u64)]) -> Result<Vec<Vec<u8>>> {
+        let sizes: Vec<u64> = parts.iter().map(|(_, b)| b.div_ceil(4) * 4).collect();
+        let total: u64 = sizes.iter().sum::<u64>().max(4);
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("marrow read-back staging (batched)"),
+            size: total,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("marrow read-back (batched)"),
+            });
+        let mut off = 0;
+        for ((buf, _), sz) in parts.iter().zip(&sizes) {
+            if *sz > 0 {
+                enc.copy_buffer_to_buffer(buf, 0, &staging, off, Some(*sz));
+            }
+            off += sz;
+        }
+        self.queue.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|_| Error::Gpu("read-back callback never ran".into()))?
+            .map_err(|e| Error::Gpu(format!("mapping the read-back buffer: {e}")))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Gpu(format!("mapping the read-back buffer: {e}")))?;
+        let mut out = Vec::with_capacity(parts.len());
+        let mut off = 0usize;
+        for ((_, bytes), sz) in parts.iter().zip(&sizes) {
+            out.push(view[off..off + *bytes as usize].to_vec());
+            off += *sz as usize;
+        }
+        drop(view);
+        staging.unmap();
+        Ok(out)
     }
 
     /// Copies `count` plain values of type `T` from the start of `buf` to the host.

@@ -151,16 +151,10 @@ impl BoxMlp {
         let (w6, b6) = {
             let w = ws.get("roi_heads.box_head.fc6.weight", &[rep, inputs])?;
             let b = ws.get("roi_heads.box_head.fc6.bias", &[rep])?.to_vec();
-            let pp = pooled * pooled;
-            let mut p = vec![0f32; w.len()];
-            for o in 0..rep {
-                for c in 0..channels {
-                    for s in 0..pp {
-                        p[o * inputs + s * channels + c] = w[o * inputs + c * pp + s];
-                    }
-                }
-            }
-            (p, b)
+            (
+                crate::ops::roi_align::fc6_weight_to_nhwc(w, rep, channels, pooled)?,
+                b,
+            )
         };
         let lin =
             |name: &str, op: Conv2d, w: &[f32], b: &[f32]| -> Result<(Conv2d, Arc<ConvWeights>)> {

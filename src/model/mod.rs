@@ -2,6 +2,7 @@
 
 pub mod backbone;
 pub mod config;
+pub mod detector;
 pub mod graph;
 pub mod heads;
 pub mod weights;

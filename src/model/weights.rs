@@ -356,6 +356,20 @@ impl WeightStore {
     }
 }
 
+impl Clone for WeightStore {
+    /// A copy with a fresh "used" set (each model built from it checks its own consumption).
+    fn clone(&self) -> Self {
+        WeightStore {
+            source: self.source.clone(),
+            config: self.config.clone(),
+            metadata: self.metadata.clone(),
+            tensors: self.tensors.clone(),
+            used: Mutex::new(BTreeSet::new()),
+            hash: self.hash,
+        }
+    }
+}
+
 impl std::fmt::Debug for WeightStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WeightStore")

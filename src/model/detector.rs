@@ -1,0 +1,562 @@
+//! The whole Faster R-CNN on the GPU: transform → body → FPN → RPN head → anchors, top-k,
+//! decode, filters → per-level NMS → proposals → MultiScaleRoIAlign → box MLP → per-class
+//! decode and filters → class-aware NMS → top-100 → rescale. Everything between the image upload
+//! and one read-back of the final detections stays on the GPU; the sizes that vary per image
+//! (proposal and candidate counts) live in GPU count buffers that later kernels read.
+//!
+//! A plan is built per input size and reused. Its dispatches form three segments so validation
+//! can teacher-force a stage: [transform, body, FPN], [RPN head … proposals], [RoIAlign … dets].
+
+use std::collections::HashMap;
+
+use super::backbone::{BackboneArch, BackboneBuilder, FPN_NAMES};
+use super::graph::{Graph, Plan};
+use super::heads::{BoxMlp, RpnHead};
+use super::weights::WeightStore;
+use super::ImageF32;
+use crate::error::{Error, Result};
+use crate::gpu::{Buffer, Dispatch, Gpu, Nhwc, Tensor};
+use crate::ops::box_head::{BoxBuffers, BoxPostprocess, GatherRows};
+use crate::ops::nms::{Nms, NmsIo, NmsScratch};
+use crate::ops::roi_align::MultiScaleRoiAlign;
+use crate::ops::rpn::{RpnBuffers, RpnProposals};
+use crate::ops::transform::{self, TransformSizes};
+
+/// Largest number of box-head candidates (proposal × class pairs above the score threshold) the
+/// class-aware NMS takes; its IoU bitmask grows with the square. More candidates is an error,
+/// never a silent truncation.
+pub const MAX_BOX_CANDIDATES: usize = 16384;
+
+/// One detection in original-image pixel coordinates.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Detection {
+    pub bbox: [f32; 4],
+    pub score: f32,
+    pub label: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Detections {
+    pub sizes: TransformSizes,
+    pub detections: Vec<Detection>,
+}
+
+/// Intermediate stages read back in debug / validate mode (rows up to the live counts).
+#[derive(Debug, Clone, Default)]
+pub struct DebugStages {
+    /// (name, NHWC shape, data) of transform.image and fpn.*.
+    pub tensors: Vec<(String, Nhwc, Vec<f32>)>,
+    pub proposals: Vec<[f32; 4]>,
+    pub proposal_scores: Vec<f32>,
+    /// [K, C] and [K, 4C] for the K proposals.
+    pub box_logits: Vec<f32>,
+    pub box_deltas: Vec<f32>,
+    /// Pre-NMS RPN candidates (count) and box-head candidates (count).
+    pub rpn_candidates: usize,
+    pub box_candidates: usize,
+}
+
+struct SizePlan {
+    sizes: TransformSizes,
+    image: Tensor,
+    x: Tensor,
+    backbone: Plan,
+    rpn_head: Plan,
+    rpn_bufs: RpnBuffers,
+    _rpn_scratch: NmsScratch,
+    proposals: Buffer,
+    proposal_scores: Buffer,
+    proposal_count: Buffer,
+    rois: Tensor,
+    mlp: Plan,
+    post: BoxPostprocess,
+    post_bufs: BoxBuffers,
+    _det_scratch: NmsScratch,
+    det_nms_capacity: usize,
+    dets: Buffer,
+    det_count: Buffer,
+    front: Vec<Dispatch>,
+    middle: Vec<Dispatch>,
+    back: Vec<Dispatch>,
+}
+
+pub struct Detector<'g> {
+    pub gpu: &'g Gpu,
+    pub arch: BackboneArch,
+    pub weights: WeightStore,
+    pub num_classes: usize,
+    backbone: Graph,
+    rpn_head: Graph,
+    mlp: Graph,
+    box_mlp: BoxMlp,
+    plans: HashMap<(usize, usize), SizePlan>,
+}
+
+impl<'g> Detector<'g> {
+    pub fn new(gpu: &'g Gpu, weights: WeightStore) -> Result<Self> {
+        weights.check_known_prefixes()?;
+        let (arch, backbone, rpn_head, box_mlp, mlp) = {
+            let b = BackboneBuilder::new(gpu, &weights)?;
+            let f = b.arch.fpn_channels;
+            let mut g = Graph::default();
+            let x = g.input("transform.image");
+            let c = b.body(&mut g, x)?;
+            let p = b.fpn(&mut g, c)?;
+            for (name, v) in FPN_NAMES.iter().zip(p) {
+                g.output(name, v);
+            }
+            let head = RpnHead::load(gpu, &weights, f)?;
+            let mut hg = Graph::default();
+            let levels: Vec<usize> = FPN_NAMES.iter().map(|n| hg.input(n)).collect();
+            for (l, (o, d)) in head.add(&mut hg, &levels).into_iter().enumerate() {
+                hg.output(&format!("rpn.objectness.{l}"), o);
+                hg.output(&format!("rpn.deltas.{l}"), d);
+            }
+            let box_mlp = BoxMlp::load(gpu, &weights, f, 7)?;
+            let mut mg = Graph::default();
+            let rois = mg.input("rois");
+            let (l, d) = box_mlp.add(&mut mg, rois);
+            mg.output("box.logits", l);
+            mg.output("box.deltas", d);
+            (b.arch.clone(), g, hg, box_mlp, mg)
+        };
+        // Every backbone / RPN / box-head tensor must have been consumed by some layer.
+        for prefix in ["backbone.", "rpn.", "roi_heads."] {
+            weights.check_all_used(prefix)?;
+        }
+        let num_classes = box_mlp.num_classes;
+        Ok(Detector {
+            gpu,
+            arch,
+            weights,
+            num_classes,
+            backbone,
+            rpn_head,
+            mlp,
+            box_mlp,
+            plans: HashMap::new(),
+        })
+    }
+
+    /// Class name for a label (index 0 = background), from the weights' config.
+    pub fn class_name(&self, label: usize) -> String {
+        self.weights
+            .config
+            .class_names
+            .as_ref()
+            .and_then(|n| n.get(label).cloned())
+            .unwrap_or_else(|| format!("class_{label}"))
+    }
+
+    fn plan(&mut self, h: usize, w: usize) -> Result<&SizePlan> {
+        if !self.plans.contains_key(&(h, w)) {
+            let p = self.build_plan(h, w)?;
+            self.plans.insert((h, w), p);
+        }
+        Ok(&self.plans[&(h, w)])
+    }
+
+    fn build_plan(&self, h: usize, w: usize) -> Result<SizePlan> {
+        let gpu = self.gpu;
+        let cfg = &self.weights.config;
+        let sizes = TransformSizes::new(h, w, &cfg.transform)?;
+        let f = self.arch.fpn_channels;
+        let image = Tensor::new(gpu, "input image [3,H,W]", Nhwc::new(1, 3, h, w))?;
+        let x = Tensor::new(
+            gpu,
+            "transform.image",
+            Nhwc::new(1, sizes.padded.0, sizes.padded.1, 3),
+        )?;
+        let backbone = self
+            .backbone
+            .plan(gpu, "backbone", std::slice::from_ref(&x))?;
+        let levels: Vec<Tensor> = FPN_NAMES
+            .iter()
+            .map(|n| backbone.output(n).expect("fpn output").clone())
+            .collect();
+        let rpn_head = self.rpn_head.plan(gpu, "rpn head", &levels)?;
+
+        // RPN proposals: top-k, decode, filters, per-level NMS, gather.
+        let rpn = RpnProposals {
+            pre_nms_top_n: cfg.rpn.pre_nms_top_n as usize,
+            min_size: cfg.rpn.min_size,
+            score_thresh: cfg.rpn.score_thresh,
+            ..Default::default()
+        }
+        .plan(
+            &levels
+                .iter()
+                .map(|t| (t.shape.h, t.shape.w))
+                .collect::<Vec<_>>(),
+            sizes.padded,
+            sizes.resized,
+        )?;
+        let rpn_bufs = rpn.buffers(gpu, "rpn")?;
+        let post_n = cfg.rpn.post_nms_top_n as usize;
+        let rpn_nms = Nms::new(rpn.kmax(), cfg.rpn.nms_thresh, post_n, true);
+        let rpn_scratch = rpn_nms.scratch(gpu, "rpn nms")?;
+        let rpn_keep = gpu.storage("rpn nms keep", post_n.min(rpn.kmax()) as u64 * 4)?;
+        let rpn_keep_count = gpu.storage("rpn nms keep count", 4)?;
+        let proposals = gpu.storage("rpn.proposals [K,4]", post_n as u64 * 16)?;
+        let proposal_scores = gpu.storage("rpn.scores [K]", post_n as u64 * 4)?;
+        let proposal_count = gpu.storage("rpn.proposals count", 4)?;
+
+        // Box head.
+        let roi = MultiScaleRoiAlign::box_head(post_n, f);
+        let rois = Tensor::new(
+            gpu,
+            "roi features [1,1,K,7*7*C]",
+            Nhwc::new(1, 1, post_n, 49 * f),
+        )?;
+        let mlp = self
+            .mlp
+            .plan(gpu, "box head", std::slice::from_ref(&rois))?;
+        let post = BoxPostprocess {
+            num_classes: self.num_classes,
+            capacity: post_n,
+            score_thresh: cfg.box_head.score_thresh,
+            min_size: cfg.box_head.min_size,
+            max_det: cfg.box_head.detections_per_img as usize,
+        };
+        let post_bufs = post.buffers(gpu)?;
+        let det_nms_capacity = post.candidates().min(MAX_BOX_CANDIDATES);
+        let det_nms = Nms::new(
+            det_nms_capacity,
+            cfg.box_head.nms_thresh,
+            post.max_det,
+            true,
+        );
+        let det_scratch = det_nms.scratch(gpu, "box nms")?;
+        let det_keep = gpu.storage(
+            "box nms keep",
+            post.max_det.min(det_nms_capacity) as u64 * 4,
+        )?;
+        let det_keep_count = gpu.storage("box nms keep count", 4)?;
+        let dets = gpu.storage("detections [100, 8]", post.max_det as u64 * 32)?;
+        let det_count = gpu.storage("detections count", 4)?;
+
+        // Segment 1: transform + body + FPN (the transform dispatch is re-recorded per run
+        // because it reads the image buffer, which is per plan anyway).
+        let mut front = vec![transform::encode(
+            gpu,
+            &cfg.transform,
+            &sizes,
+            &image.buf,
+            &x,
+        )?];
+        front.extend(backbone_dispatches(&backbone));
+        // Segment 2: RPN.
+        let mut middle: Vec<Dispatch> = Vec::new();
+        middle.extend(take_dispatches(&rpn_head));
+        let obj: Vec<&Tensor> = (0..5)
+            .map(|l| {
+                rpn_head
+                    .output(&format!("rpn.objectness.{l}"))
+                    .expect("head output")
+            })
+            .collect();
+        let del: Vec<&Tensor> = (0..5)
+            .map(|l| {
+                rpn_head
+                    .output(&format!("rpn.deltas.{l}"))
+                    .expect("head output")
+            })
+            .collect();
+        middle.extend(rpn.encode(gpu, "rpn", &obj, &del, &rpn_bufs)?);
+        middle.extend(rpn_nms.encode(
+            gpu,
+            "rpn nms",
+            &NmsIo {
+                boxes: &rpn_bufs.boxes,
+                scores: &rpn_bufs.scores,
+                ids: Some(&rpn_bufs.levels),
+                count: &rpn_bufs.count,
+                count_index: 0,
+                keep: &rpn_keep,
+                keep_count: &rpn_keep_count,
+                keep_count_index: 0,
+            },
+            &rpn_scratch,
+        )?);
+        middle.push(GatherRows { max_rows: post_n }.encode(
+            gpu,
+            "rpn proposals gather",
+            &rpn_bufs.boxes,
+            &rpn_bufs.scores,
+            &rpn_keep,
+            &rpn_keep_count,
+            &proposals,
+            &proposal_scores,
+            &proposal_count,
+        )?);
+        // Segment 3: box head.
+        let lv: [&Tensor; 4] = [&levels[0], &levels[1], &levels[2], &levels[3]];
+        let mut back = vec![roi.encode(
+            gpu,
+            "roi align",
+            lv,
+            sizes.resized,
+            0,
+            &proposals,
+            &proposal_count,
+            &rois.buf,
+        )?];
+        back.extend(take_dispatches(&mlp));
+        let logits = mlp.output("box.logits").expect("mlp output");
+        let deltas = mlp.output("box.deltas").expect("mlp output");
+        back.extend(post.encode_candidates(
+            gpu,
+            &logits.buf,
+            &deltas.buf,
+            &proposals,
+            &proposal_count,
+            sizes.resized,
+            &post_bufs,
+        )?);
+        back.extend(det_nms.encode(
+            gpu,
+            "box nms",
+            &NmsIo {
+                boxes: &post_bufs.cand_boxes,
+                scores: &post_bufs.cand_scores,
+                ids: Some(&post_bufs.cand_labels),
+                count: &post_bufs.cand_count,
+                count_index: 0,
+                keep: &det_keep,
+                keep_count: &det_keep_count,
+                keep_count_index: 0,
+            },
+            &det_scratch,
+        )?);
+        back.push(post.encode_finalize(
+            gpu,
+            &post_bufs,
+            &det_keep,
+            &det_keep_count,
+            sizes.resized,
+            sizes.orig,
+            &dets,
+            &det_count,
+        )?);
+        Ok(SizePlan {
+            sizes,
+            image,
+            x,
+            backbone,
+            rpn_head,
+            rpn_bufs,
+            _rpn_scratch: rpn_scratch,
+            proposals,
+            proposal_scores,
+            proposal_count,
+            rois,
+            mlp,
+            post,
+            post_bufs,
+            _det_scratch: det_scratch,
+            det_nms_capacity,
+            dets,
+            det_count,
+            front,
+            middle,
+            back,
+        })
+    }
+
+    /// Detects on one image: one submission, one read-back.
+    pub fn detect(&mut self, image: &ImageF32) -> Result<Detections> {
+        let gpu = self.gpu;
+        let p = self.upload(image)?;
+        gpu.run("detect", p.front.iter().chain(&p.middle).chain(&p.back))?;
+        finish(gpu, p)
+    }
+
+    /// Each image of a batch runs as its own plan, so results equal single-image runs exactly.
+    /// (torchvision pads a batch to its largest image, which changes anchors and border
+    /// features: its batched results differ from its own single-image runs.)
+    pub fn detect_batch(&mut self, images: &[ImageF32]) -> Result<Vec<Detections>> {
+        images.iter().map(|im| self.detect(im)).collect()
+    }
+
+    fn upload(&mut self, image: &ImageF32) -> Result<&SizePlan> {
+        if image.data.len() != 3 * image.h * image.w || image.h == 0 || image.w == 0 {
+            return Err(Error::shape(
+                "image",
+                format!("{} values for 3x{}x{}", image.data.len(), image.h, image.w),
+            ));
+        }
+        let gpu = self.gpu;
+        let p = self.plan(image.h, image.w)?;
+        gpu.queue
+            .write_buffer(&p.image.buf, 0, bytemuck::cast_slice(&image.data));
+        Ok(p)
+    }
+
+    /// Like [`Detector::detect`], also reading back every intermediate stage (validation).
+    pub fn detect_debug(&mut self, image: &ImageF32) -> Result<(Detections, DebugStages)> {
+        let gpu = self.gpu;
+        let num_classes = self.num_classes;
+        let p = self.upload(image)?;
+        gpu.run(
+            "detect (debug)",
+            p.front.iter().chain(&p.middle).chain(&p.back),
+        )?;
+        let mut st = DebugStages {
+            tensors: vec![("transform.image".into(), p.x.shape, p.x.read(gpu)?)],
+            ..Default::default()
+        };
+        for n in FPN_NAMES {
+            let t = p.backbone.output(n).expect("fpn output");
+            st.tensors.push((n.to_string(), t.shape, t.read(gpu)?));
+        }
+        read_middle(gpu, p, &mut st)?;
+        read_back(gpu, p, &mut st, num_classes)?;
+        let d = finish(gpu, p)?;
+        Ok((d, st))
+    }
+
+    /// Teacher-forced: the RPN and box head run on the reference FPN levels (NHWC, in FPN_NAMES
+    /// order), and the box head additionally on the reference proposals when given.
+    pub fn detect_teacher_forced(
+        &mut self,
+        image_hw: (usize, usize),
+        fpn: &[(Nhwc, Vec<f32>)],
+        proposals: Option<&[[f32; 4]]>,
+    ) -> Result<(Detections, DebugStages)> {
+        let num_classes = self.num_classes;
+        let gpu = self.gpu;
+        let p = self.plan(image_hw.0, image_hw.1)?;
+        if fpn.len() != 5 {
+            return Err(Error::shape("teacher forcing", "need 5 FPN levels"));
+        }
+        for (n, (s, d)) in FPN_NAMES.iter().zip(fpn) {
+            let t = p.backbone.output(n).expect("fpn output");
+            if t.shape != *s {
+                return Err(Error::shape(
+                    "teacher forcing",
+                    format!("{n}: reference {s}, engine {}", t.shape),
+                ));
+            }
+            gpu.queue.write_buffer(&t.buf, 0, bytemuck::cast_slice(d));
+        }
+        gpu.run("rpn (teacher-forced)", &p.middle)?;
+        let mut st = DebugStages::default();
+        read_middle(gpu, p, &mut st)?;
+        if let Some(props) = proposals {
+            let cap = p.post.capacity;
+            if props.len() > cap {
+                return Err(Error::shape(
+                    "teacher forcing",
+                    format!("{} proposals > capacity {cap}", props.len()),
+                ));
+            }
+            if !props.is_empty() {
+                gpu.queue
+                    .write_buffer(&p.proposals, 0, bytemuck::cast_slice(props));
+            }
+            gpu.queue.write_buffer(
+                &p.proposal_count,
+                0,
+                bytemuck::bytes_of(&(props.len() as u32)),
+            );
+        }
+        gpu.run("box head (teacher-forced)", &p.back)?;
+        read_back(gpu, p, &mut st, num_classes)?;
+        let d = finish(gpu, p)?;
+        Ok((d, st))
+    }
+
+    /// Bytes of GPU buffers a plan of this size holds (activations + head buffers), for reports.
+    pub fn plan_bytes(&mut self, h: usize, w: usize) -> Result<u64> {
+        let p = self.plan(h, w)?;
+        Ok(p.backbone.activation_bytes
+            + p.rpn_head.activation_bytes
+            + p.mlp.activation_bytes
+            + p.rois.shape.bytes())
+    }
+
+    pub fn box_mlp(&self) -> &BoxMlp {
+        &self.box_mlp
+    }
+}
+
+fn backbone_dispatches(p: &Plan) -> Vec<Dispatch> {
+    take_dispatches(p)
+}
+
+/// Clones a plan's dispatches into a segment list (dispatches are cheap handles).
+fn take_dispatches(p: &Plan) -> Vec<Dispatch> {
+    p.dispatches().cloned().collect()
+}
+
+fn u32s(b: &[u8]) -> Vec<u32> {
+    bytemuck::pod_collect_to_vec(b)
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    bytemuck::pod_collect_to_vec(b)
+}
+
+fn read_middle(gpu: &Gpu, p: &SizePlan, st: &mut DebugStages) -> Result<()> {
+    let c = gpu.read_back_many(&[(&p.proposal_count, 4), (&p.rpn_bufs.count, 4)])?;
+    let n = u32s(&c[0])[0] as usize;
+    st.rpn_candidates = u32s(&c[1])[0] as usize;
+    let r = gpu.read_back_many(&[
+        (&p.proposals, n as u64 * 16),
+        (&p.proposal_scores, n as u64 * 4),
+    ])?;
+    let b = f32s(&r[0]);
+    st.proposals = b
+        .chunks_exact(4)
+        .map(|c| [c[0], c[1], c[2], c[3]])
+        .collect();
+    st.proposal_scores = f32s(&r[1]);
+    Ok(())
+}
+
+fn read_back(gpu: &Gpu, p: &SizePlan, st: &mut DebugStages, num_classes: usize) -> Result<()> {
+    let c = gpu.read_back_many(&[(&p.proposal_count, 4), (&p.post_bufs.cand_count, 4)])?;
+    let n = u32s(&c[0])[0] as usize;
+    st.box_candidates = u32s(&c[1])[0] as usize;
+    let logits = p.mlp.output("box.logits").expect("mlp output");
+    let deltas = p.mlp.output("box.deltas").expect("mlp output");
+    let r = gpu.read_back_many(&[
+        (&logits.buf, (n * num_classes) as u64 * 4),
+        (&deltas.buf, (n * num_classes * 4) as u64 * 4),
+    ])?;
+    st.box_logits = f32s(&r[0]);
+    st.box_deltas = f32s(&r[1]);
+    Ok(())
+}
+
+/// The one read-back: detection count, rows, and the candidate count (overflow check).
+fn finish(gpu: &Gpu, p: &SizePlan) -> Result<Detections> {
+    let r = gpu.read_back_many(&[
+        (&p.det_count, 4),
+        (&p.post_bufs.cand_count, 4),
+        (&p.dets, p.post.max_det as u64 * 32),
+    ])?;
+    let n = u32s(&r[0])[0] as usize;
+    let cands = u32s(&r[1])[0] as usize;
+    if cands > p.det_nms_capacity {
+        return Err(Error::TooLarge(format!(
+            "{cands} box candidates above the score threshold exceed the class-aware NMS capacity of {} \
+             (raise box_head.score_thresh in the model config)",
+            p.det_nms_capacity
+        )));
+    }
+    let rows = f32s(&r[2]);
+    let detections = rows
+        .chunks_exact(8)
+        .take(n)
+        .map(|r| Detection {
+            bbox: [r[0], r[1], r[2], r[3]],
+            score: r[4],
+            label: r[5] as usize,
+        })
+        .collect();
+    Ok(Detections {
+        sizes: p.sizes,
+        detections,
+    })
+}
