@@ -141,3 +141,71 @@ fn truncation_fixture_matches_torchvision() {
 fn pool61_fixture_matches_torchvision() {
     run_case("image_pool61_50x210.safetensors");
 }
+
+fn fixture_detector(file: &str) -> (RefDump, Detector<'static>, ImageF32) {
+    let dump = RefDump::open(&fixture(file)).unwrap();
+    let ws = dump.seeded_weights().unwrap().unwrap();
+    let det = Detector::new(gpu(), ws).unwrap();
+    let (is, id) = dump.f32("input.image", 3).unwrap();
+    let image = ImageF32 {
+        h: is[1],
+        w: is[2],
+        data: id.to_vec(),
+    };
+    (dump, det, image)
+}
+
+#[test]
+fn batch_results_equal_single_runs() {
+    let (_, mut det, a) = fixture_detector("image_land_120x160.safetensors");
+    let b = {
+        let d = RefDump::open(&fixture("image_portrait_trunc159_100x77.safetensors")).unwrap();
+        let (s, v) = d.f32("input.image", 3).unwrap();
+        ImageF32 {
+            h: s[1],
+            w: s[2],
+            data: v.to_vec(),
+        }
+    };
+    let singles = [det.detect(&a).unwrap(), det.detect(&b).unwrap()];
+    // Interleaved sizes re-use each size's cached plan; results must not depend on order.
+    let batch = det.detect_batch(&[b.clone(), a.clone(), b]).unwrap();
+    assert_eq!(batch[0].detections, singles[1].detections);
+    assert_eq!(batch[1].detections, singles[0].detections);
+    assert_eq!(batch[2].detections, singles[1].detections);
+    assert!(!singles[0].detections.is_empty());
+}
+
+#[test]
+fn zero_proposals_and_zero_detections_flow_through() {
+    let (dump, mut det, image) = fixture_detector("image_land_120x160.safetensors");
+    let fpn: Vec<(Nhwc, Vec<f32>)> = marrow::model::backbone::FPN_NAMES
+        .iter()
+        .map(|n| {
+            let (s, v) = dump.f32(n, 4).unwrap();
+            (
+                Nhwc::new(s[0], s[2], s[3], s[1]),
+                cpu::nchw_to_nhwc(v, s[0], s[1], s[2], s[3]),
+            )
+        })
+        .collect();
+    // No proposals reach the box head: no candidates, no detections, no error.
+    let (out, st) = det
+        .detect_teacher_forced((image.h, image.w), &fpn, Some(&[]))
+        .unwrap();
+    assert!(out.detections.is_empty());
+    assert_eq!(st.box_candidates, 0);
+    assert!(st.box_logits.is_empty());
+
+    // A score threshold nothing passes: the class-aware NMS sees zero candidates.
+    let mut ws = dump.seeded_weights().unwrap().unwrap();
+    ws.config.box_head.score_thresh = 0.9999;
+    let mut strict = Detector::new(gpu(), ws).unwrap();
+    let (out, st) = strict.detect_debug(&image).unwrap();
+    assert!(out.detections.is_empty());
+    assert_eq!(st.box_candidates, 0);
+    assert!(!st.proposals.is_empty(), "the RPN still proposes");
+    // And the same detector recovers on the next image with candidates again (no stale counts).
+    let (_, mut normal, _) = fixture_detector("image_land_120x160.safetensors");
+    assert_eq!(normal.detect(&image).unwrap().detections.len(), 100);
+}
