@@ -748,6 +748,20 @@ pub fn validate_heads(gpu: &Gpu, weights: WeightStore, dump: &RefDump) -> Result
     };
     let (st_, nt) = (cfg.box_head.score_thresh, cfg.box_head.nms_thresh);
     let maxd = cfg.box_head.detections_per_img as usize;
+    // Exact: the anchor count (feature sizes × anchors per location, over all five levels).
+    if let Some(l) = dump.tensors.get("rpn.logits") {
+        let n = l.shape.iter().product::<usize>();
+        report.rows.push(Row {
+            stage: "anchors".into(),
+            mode: "exact",
+            shape: format!("[{n}]"),
+            diff: None,
+            tol: 0.0,
+            metric: "exact",
+            pass: n == st.anchors,
+            note: format!("ref {n}, engine {}", st.anchors),
+        });
+    }
     if let Some((rp, rs)) = &ref_props {
         let m = matching::proposals(&st.proposals, &st.proposal_scores, rp, rs);
         report

@@ -51,6 +51,8 @@ pub struct DebugStages {
     /// [K, C] and [K, 4C] for the K proposals.
     pub box_logits: Vec<f32>,
     pub box_deltas: Vec<f32>,
+    /// Anchors over all levels (= RPN head outputs per image, torchvision's objectness length).
+    pub anchors: usize,
     /// Pre-NMS RPN candidates (count) and box-head candidates (count).
     pub rpn_candidates: usize,
     pub box_candidates: usize,
@@ -498,6 +500,10 @@ fn f32s(b: &[u8]) -> Vec<f32> {
 }
 
 fn read_middle(gpu: &Gpu, p: &SizePlan, st: &mut DebugStages) -> Result<()> {
+    st.anchors = (0..5)
+        .filter_map(|l| p.rpn_head.output(&format!("rpn.objectness.{l}")))
+        .map(|t| t.shape.len())
+        .sum();
     let c = gpu.read_back_many(&[(&p.proposal_count, 4), (&p.rpn_bufs.count, 4)])?;
     let n = u32s(&c[0])[0] as usize;
     st.rpn_candidates = u32s(&c[1])[0] as usize;
