@@ -10,7 +10,7 @@ use marrow::cpu;
 use marrow::gpu::Nhwc;
 use marrow::model::detector::Detector;
 use marrow::model::ImageF32;
-use marrow::validate::matching::{self, Det};
+use marrow::validate;
 use marrow::validate::RefDump;
 
 fn fixture(name: &str) -> PathBuf {
@@ -19,112 +19,27 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn boxes(v: &[f32]) -> Vec<[f32; 4]> {
-    v.chunks_exact(4)
-        .map(|c| [c[0], c[1], c[2], c[3]])
-        .collect()
-}
-
-fn ref_dets(d: &RefDump) -> Vec<Det> {
-    let b = boxes(d.tensors["det.boxes"].f32().unwrap());
-    let s = d.tensors["det.scores"].f32().unwrap();
-    let l = d.tensors["det.labels"].i64().unwrap();
-    (0..b.len())
-        .map(|i| Det {
-            bbox: b[i],
-            score: s[i],
-            label: l[i],
-        })
-        .collect()
-}
-
+/// Runs `marrow validate`'s head comparison (the same code path as the CLI) and checks that every
+/// set-valued and teacher-forced row is present and within §14.4 / §14.3.
 fn run_case(file: &str) {
     let dump = RefDump::open(&fixture(file)).unwrap();
     let ws = dump.seeded_weights().unwrap().unwrap();
-    let cfg = ws.config.clone();
-    let mut det = Detector::new(gpu(), ws).unwrap();
-    let (is, id) = dump.f32("input.image", 3).unwrap();
-    let image = ImageF32 {
-        h: is[1],
-        w: is[2],
-        data: id.to_vec(),
-    };
-
-    // End to end from the image.
-    let (out, st) = det.detect_debug(&image).unwrap();
-    let rp = boxes(dump.tensors["rpn.proposals"].f32().unwrap());
-    let rs = dump.tensors["rpn.scores"].f32().unwrap();
-    let pm = matching::proposals(&st.proposals, &st.proposal_scores, &rp, rs);
-    eprintln!("{file}: e2e proposals {pm:?}");
-    let got: Vec<Det> = out
-        .detections
-        .iter()
-        .map(|d| Det {
-            bbox: d.bbox,
-            score: d.score,
-            label: d.label as i64,
-        })
-        .collect();
-    let dm = matching::detections(
-        &got,
-        &ref_dets(&dump),
-        0.98,
-        1e-3,
-        cfg.box_head.score_thresh,
-        cfg.box_head.nms_thresh,
-        cfg.box_head.detections_per_img as usize,
-    );
-    eprintln!("{file}: e2e detections {dm:?}");
-
-    // Teacher-forced from the reference FPN (RPN) and reference proposals (box head).
-    let fpn: Vec<(Nhwc, Vec<f32>)> = marrow::model::backbone::FPN_NAMES
-        .iter()
-        .map(|n| {
-            let (s, v) = dump.f32(n, 4).unwrap();
-            (
-                Nhwc::new(s[0], s[2], s[3], s[1]),
-                cpu::nchw_to_nhwc(v, s[0], s[1], s[2], s[3]),
-            )
-        })
-        .collect();
-    let (tout, tst) = det
-        .detect_teacher_forced((is[1], is[2]), &fpn, Some(&rp))
-        .unwrap();
-    let tpm = matching::proposals(&tst.proposals, &tst.proposal_scores, &rp, rs);
-    eprintln!("{file}: TF proposals {tpm:?}");
-    let bl = dump.tensors["box.logits"].f32().unwrap();
-    let bd = dump.tensors["box.deltas"].f32().unwrap();
-    let dl = cpu::diff(&tst.box_logits, bl);
-    let dd = cpu::diff(&tst.box_deltas, bd);
-    eprintln!("{file}: TF box.logits {dl:?}\n  box.deltas {dd:?}");
-    let tgot: Vec<Det> = tout
-        .detections
-        .iter()
-        .map(|d| Det {
-            bbox: d.bbox,
-            score: d.score,
-            label: d.label as i64,
-        })
-        .collect();
-    let tdm = matching::detections(
-        &tgot,
-        &ref_dets(&dump),
-        0.99,
-        1e-5,
-        cfg.box_head.score_thresh,
-        cfg.box_head.nms_thresh,
-        cfg.box_head.detections_per_img as usize,
-    );
-    eprintln!("{file}: TF detections {tdm:?}");
-
-    assert!(tpm.fraction() >= 0.995, "teacher-forced proposals {tpm:?}");
-    assert!(tpm.max_dscore <= 1e-4);
-    assert!(pm.fraction() >= 0.97, "end-to-end proposals {pm:?}");
-    assert!(pm.max_dscore <= 1e-4);
-    // §14.3: fc layers from reference inputs ≤ 1e-5 relative.
-    assert!(dl.rel_max <= 1e-5 && dd.rel_max <= 1e-5, "{dl:?} {dd:?}");
-    assert_eq!(tdm.unexplained, 0, "teacher-forced detections {tdm:?}");
-    assert_eq!(dm.unexplained, 0, "end-to-end detections {dm:?}");
+    let report = validate::validate_heads(gpu(), ws, &dump).unwrap();
+    eprintln!("{file}\n{}", report.table());
+    for (stage, mode) in [
+        ("anchors", "exact"),
+        ("rpn.proposals", "from image"),
+        ("rpn.proposals", "TF from FPN"),
+        ("box.logits", "TF proposals"),
+        ("box.deltas", "TF proposals"),
+        ("det.*", "from image"),
+        ("det.*", "TF proposals"),
+    ] {
+        let row = report
+            .row(stage, mode)
+            .unwrap_or_else(|| panic!("{file}: {stage} ({mode}) not compared"));
+        assert!(row.pass, "{file}: {stage} ({mode}) failed: {}", row.note);
+    }
 }
 
 #[test]

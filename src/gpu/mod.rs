@@ -592,34 +592,10 @@ impl Gpu {
         if bytes == 0 {
             return Ok(Vec::new());
         }
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("marrow read-back staging"),
-            size: bytes.div_ceil(4) * 4,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut enc = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("marrow read-back"),
-            });
-        enc.copy_buffer_to_buffer(buf, 0, &staging, 0, Some(bytes.div_ceil(4) * 4));
-        self.queue.submit([enc.finish()]);
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait()?;
-        rx.recv()
-            .map_err(|_| Error::Gpu("read-back callback never ran".into()))?
-            .map_err(|e| Error::Gpu(format!("mapping the read-back buffer: {e}")))?;
-        let view = staging
-            .get_mapped_range(..)
-            .map_err(|e| Error::Gpu(format!("mapping the read-back buffer: {e}")))?;
-        let out = bytemuck::cast_slice::<u8, T>(&view[..bytes as usize]).to_vec();
-        drop(view);
-        staging.unmap();
-        Ok(out)
+        let mut parts = self.read_back_many(&[(buf, bytes)])?;
+        Ok(bytemuck::pod_collect_to_vec(
+            &parts.pop().unwrap_or_default(),
+        ))
     }
 }
 
