@@ -382,3 +382,90 @@ fn buffers_beyond_the_adapter_limit_are_errors_not_panics() {
     let e = g.storage("absurd", u64::MAX / 2).unwrap_err().to_string();
     assert!(e.contains("absurd") && e.contains("limit"), "{e}");
 }
+
+#[test]
+fn device_loss_is_an_error_not_a_panic() {
+    use marrow::gpu::{Gpu, GpuOptions, Nhwc, Tensor};
+    use marrow::ops::pool::MaxPool2d;
+    // A device of our own: losing it must not disturb the other tests' shared device.
+    let g = Gpu::new(&GpuOptions::default()).unwrap();
+    let x = Tensor::new(&g, "x", Nhwc::new(1, 4, 4, 2)).unwrap();
+    let y = Tensor::new(&g, "y", Nhwc::new(1, 2, 2, 2)).unwrap();
+    let d = MaxPool2d::STEM.encode(&g, "pool", &x, &y).unwrap();
+    g.run("before loss", [&d]).unwrap();
+    g.device.destroy();
+    let e = g.run("after loss", [&d]).unwrap_err().to_string();
+    assert!(e.contains("lost"), "{e}");
+    let e = g.read_back(&y.buf, 8).unwrap_err().to_string();
+    assert!(e.contains("lost"), "{e}");
+}
+
+#[test]
+fn unknown_adapter_is_an_error() {
+    let e = marrow::gpu::Gpu::new(&marrow::gpu::GpuOptions {
+        adapter: Some("no-such-gpu-9000".into()),
+        allow_gl: false,
+    })
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("no-such-gpu-9000") && e.contains("marrow info"),
+        "{e}"
+    );
+}
+
+fn marrow_cli(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_marrow"));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_without_any_vulkan_driver_says_what_to_install() {
+    // No ICD: wgpu sees no Vulkan adapter. marrow must not fall back to OpenGL silently.
+    let (code, err) = marrow_cli(
+        &["info"],
+        &[
+            ("VK_ICD_FILENAMES", "/nonexistent.json"),
+            ("VK_DRIVER_FILES", "/nonexistent.json"),
+        ],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("no usable GPU adapter") && err.contains("mesa-vulkan-drivers"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn cli_errors_name_the_file_and_exit_2() {
+    let img = write_tmp("cli-corrupt.png", b"\x89PNG\r\n\x1a\ngarbage");
+    let w = write_tmp("cli-weights.safetensors", &[1, 2, 3]);
+    let (code, err) = marrow_cli(
+        &[
+            "detect",
+            img.to_str().unwrap(),
+            "--weights",
+            w.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cli-weights.safetensors"), "{err}");
+    let (code, err) = marrow_cli(
+        &["validate", "--reference", "/nonexistent/ref.safetensors"],
+        &[],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("/nonexistent/ref.safetensors"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
