@@ -13,12 +13,15 @@
 //               legacy "nearest" index rule: identity, exact 2x (dst >> 1), else
 //               min(floor(dst * f32(in/out)), in - 1) with the scale computed on the host.
 //
-// Prepended consts (one pipeline per variant): KH, KW, STRIDE, PAD, CIN, COUT, RELU, RES_MODE.
+// Prepended consts (one pipeline per variant): KH, KW, STRIDE, PAD, CIN, COUT, RELU, RES_MODE,
+// RM, RN (register block rows x columns per thread, each 4 or 8; chosen per layer on the host).
 //
-// Tiling: a 64x64 output tile per workgroup of 16x16 threads, each thread a 4x4 register block;
-// K is walked in steps of 16 through workgroup memory stored as vec4 so the inner loop is four
-// vec4 FMAs per k. Larger register blocks matter more than shared-memory reuse on lavapipe, and
-// the 4x4 vec4 block keeps register pressure modest on real GPUs.
+// Tiling: a (16*RM)x(16*RN) output tile per workgroup of 16x16 threads, each thread an RMxRN
+// register block; K is walked in steps of 16 through workgroup memory stored as vec4, so the
+// inner loop is RM*RN/4 vec4 FMAs per k against RM/4 + RN/4 vec4 workgroup-memory loads.
+// On llvmpipe every lane-varying load is a per-lane scalar loop (~80 cycles per vec4 per 8
+// lanes) while an FMA costs ~1 cycle, so loads per FMA set the speed: 8x8 halves them against
+// 4x4 (docs/perf.md §9). 128x128 tiles with 8x8 blocks are also the usual GPU choice.
 
 struct Params {
     n: u32,
@@ -44,14 +47,17 @@ struct Params {
 @group(0) @binding(5) var<storage, read> res: array<f32>;
 #endif
 
-const BM: u32 = 64u;
-const BN: u32 = 64u;
+const BM: u32 = 16u * RM;
+const BN: u32 = 16u * RN;
 const BK: u32 = 16u;
 const KTOT: u32 = KH * KW * CIN;
+const RM4: u32 = RM / 4u;
+const RN4: u32 = RN / 4u;
 
 // [k][m/4] and [k][n/4]: one vec4 holds four consecutive rows (A) or columns (B).
-var<workgroup> As: array<vec4<f32>, 256>;
-var<workgroup> Bs: array<vec4<f32>, 256>;
+// At 8x8 the two are 16 KiB together: WebGPU's default workgroup-storage limit.
+var<workgroup> As: array<vec4<f32>, BK * BM / 4u>;
+var<workgroup> Bs: array<vec4<f32>, BK * BN / 4u>;
 
 fn load_x(base: u32, iy: i32, ix: i32, ci: u32) -> f32 {
     if (iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w)) {
@@ -77,14 +83,14 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     let n0 = wid.y * BN;
     let ohw = p.oh * p.ow;
 
-    // A loader: this thread fills rows 4*(tid%16) .. +3 of the tile at k-offset tid/16.
+    // A loader: this thread fills rows RM*(tid%16) .. +RM-1 of the tile at k-offset tid/16.
     let a_k = tid / 16u;
-    let a_m = (tid % 16u) * 4u;
-    var a_base: array<u32, 4>;
-    var a_iy: array<i32, 4>;
-    var a_ix: array<i32, 4>;
-    var a_ok: array<bool, 4>;
-    for (var r = 0u; r < 4u; r++) {
+    let a_m = (tid % 16u) * RM;
+    var a_base: array<u32, RM>;
+    var a_iy: array<i32, RM>;
+    var a_ix: array<i32, RM>;
+    var a_ok: array<bool, RM>;
+    for (var r = 0u; r < RM; r++) {
         let gm = m0 + a_m + r;
         a_ok[r] = gm < p.m;
         let g = min(gm, p.m - 1u);
@@ -96,90 +102,106 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
         a_iy[r] = i32(oy * STRIDE) - i32(PAD);
         a_ix[r] = i32(ox * STRIDE) - i32(PAD);
     }
-    // B loader: row tid/16, columns 4*(tid%16) .. +3.
+    // B loader: row tid/16, columns RN*(tid%16) .. +RN-1.
     let b_k = tid / 16u;
-    let b_n = n0 + (tid % 16u) * 4u;
+    let b_n = n0 + (tid % 16u) * RN;
 
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
+    // acc[i * RN4 + j]: row i of this thread's block, columns 4j .. 4j+3.
+    var acc: array<vec4<f32>, RM * RN4>;
+    for (var i = 0u; i < RM * RN4; i++) {
+        acc[i] = vec4<f32>(0.0);
+    }
 
     for (var k0 = 0u; k0 < KTOT; k0 += BK) {
         let k = k0 + a_k;
-        var av = vec4<f32>(0.0);
-        if (k < KTOT) {
-            let tap = k / CIN;
-            let ci = k % CIN;
-            let ky = i32(tap / KW);
-            let kx = i32(tap % KW);
-            if (a_ok[0]) { av.x = load_x(a_base[0], a_iy[0] + ky, a_ix[0] + kx, ci); }
-            if (a_ok[1]) { av.y = load_x(a_base[1], a_iy[1] + ky, a_ix[1] + kx, ci); }
-            if (a_ok[2]) { av.z = load_x(a_base[2], a_iy[2] + ky, a_ix[2] + kx, ci); }
-            if (a_ok[3]) { av.w = load_x(a_base[3], a_iy[3] + ky, a_ix[3] + kx, ci); }
+        let kin = k < KTOT;
+        let tap = k / CIN;
+        let ci = k % CIN;
+        let ky = i32(tap / KW);
+        let kx = i32(tap % KW);
+        for (var q = 0u; q < RM4; q++) {
+            var av = vec4<f32>(0.0);
+            if (kin) {
+                let r = 4u * q;
+                if (a_ok[r]) { av.x = load_x(a_base[r], a_iy[r] + ky, a_ix[r] + kx, ci); }
+                if (a_ok[r + 1u]) { av.y = load_x(a_base[r + 1u], a_iy[r + 1u] + ky, a_ix[r + 1u] + kx, ci); }
+                if (a_ok[r + 2u]) { av.z = load_x(a_base[r + 2u], a_iy[r + 2u] + ky, a_ix[r + 2u] + kx, ci); }
+                if (a_ok[r + 3u]) { av.w = load_x(a_base[r + 3u], a_iy[r + 3u] + ky, a_ix[r + 3u] + kx, ci); }
+            }
+            As[a_k * (BM / 4u) + (tid % 16u) * RM4 + q] = av;
         }
-        As[a_k * 16u + tid % 16u] = av;
 
         let kb = k0 + b_k;
-        var bv = vec4<f32>(0.0);
-        if (kb < KTOT) {
-            let row = kb * COUT;
-            if (b_n + 3u < COUT) {
-                bv = vec4<f32>(wt[row + b_n], wt[row + b_n + 1u], wt[row + b_n + 2u], wt[row + b_n + 3u]);
-            } else {
-                if (b_n < COUT) { bv.x = wt[row + b_n]; }
-                if (b_n + 1u < COUT) { bv.y = wt[row + b_n + 1u]; }
-                if (b_n + 2u < COUT) { bv.z = wt[row + b_n + 2u]; }
+        let row = kb * COUT;
+        for (var q = 0u; q < RN4; q++) {
+            let nb = b_n + 4u * q;
+            var bv = vec4<f32>(0.0);
+            if (kb < KTOT) {
+                if (nb + 3u < COUT) {
+                    bv = vec4<f32>(wt[row + nb], wt[row + nb + 1u], wt[row + nb + 2u], wt[row + nb + 3u]);
+                } else {
+                    if (nb < COUT) { bv.x = wt[row + nb]; }
+                    if (nb + 1u < COUT) { bv.y = wt[row + nb + 1u]; }
+                    if (nb + 2u < COUT) { bv.z = wt[row + nb + 2u]; }
+                }
             }
+            Bs[b_k * (BN / 4u) + (tid % 16u) * RN4 + q] = bv;
         }
-        Bs[b_k * 16u + tid % 16u] = bv;
         workgroupBarrier();
 
         for (var kk = 0u; kk < BK; kk++) {
-            let a = As[kk * 16u + lid.y];
-            let b = Bs[kk * 16u + lid.x];
-            acc0 = fma(vec4<f32>(a.x), b, acc0);
-            acc1 = fma(vec4<f32>(a.y), b, acc1);
-            acc2 = fma(vec4<f32>(a.z), b, acc2);
-            acc3 = fma(vec4<f32>(a.w), b, acc3);
+            var b: array<vec4<f32>, RN4>;
+            for (var j = 0u; j < RN4; j++) {
+                b[j] = Bs[kk * (BN / 4u) + lid.x * RN4 + j];
+            }
+            for (var q = 0u; q < RM4; q++) {
+                let a = As[kk * (BM / 4u) + lid.y * RM4 + q];
+                for (var j = 0u; j < RN4; j++) {
+                    acc[(4u * q) * RN4 + j] = fma(vec4<f32>(a.x), b[j], acc[(4u * q) * RN4 + j]);
+                    acc[(4u * q + 1u) * RN4 + j] = fma(vec4<f32>(a.y), b[j], acc[(4u * q + 1u) * RN4 + j]);
+                    acc[(4u * q + 2u) * RN4 + j] = fma(vec4<f32>(a.z), b[j], acc[(4u * q + 2u) * RN4 + j]);
+                    acc[(4u * q + 3u) * RN4 + j] = fma(vec4<f32>(a.w), b[j], acc[(4u * q + 3u) * RN4 + j]);
+                }
+            }
         }
         workgroupBarrier();
     }
 
-    let n = n0 + lid.x * 4u;
-    if (n >= COUT) {
-        return;
-    }
-    var bvec = vec4<f32>(0.0);
-    for (var j = 0u; j < 4u; j++) {
-        if (n + j < COUT) { bvec[j] = bias[n + j]; }
-    }
-    var accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
-    for (var i = 0u; i < 4u; i++) {
-        let m = m0 + lid.y * 4u + i;
-        if (m >= p.m) {
+    for (var j = 0u; j < RN4; j++) {
+        let n = n0 + lid.x * RN + 4u * j;
+        if (n >= COUT) {
             break;
         }
-        var v = accs[i] + bvec;
+        var bvec = vec4<f32>(0.0);
+        for (var c = 0u; c < 4u; c++) {
+            if (n + c < COUT) { bvec[c] = bias[n + c]; }
+        }
+        for (var i = 0u; i < RM; i++) {
+            let m = m0 + lid.y * RM + i;
+            if (m >= p.m) {
+                break;
+            }
+            var v = acc[i * RN4 + j] + bvec;
 #if RESIDUAL
-        var ridx = m * COUT;
-        if (RES_MODE == 2u) {
-            let img = m / ohw;
-            let rem = m % ohw;
-            let sy = nearest_src(rem / p.ow, p.rh, p.oh, p.scale_h);
-            let sx = nearest_src(rem % p.ow, p.rw, p.ow, p.scale_w);
-            ridx = ((img * p.rh + sy) * p.rw + sx) * COUT;
-        }
-        for (var j = 0u; j < 4u; j++) {
-            if (n + j < COUT) { v[j] += res[ridx + n + j]; }
-        }
+            var ridx = m * COUT;
+            if (RES_MODE == 2u) {
+                let img = m / ohw;
+                let rem = m % ohw;
+                let sy = nearest_src(rem / p.ow, p.rh, p.oh, p.scale_h);
+                let sx = nearest_src(rem % p.ow, p.rw, p.ow, p.scale_w);
+                ridx = ((img * p.rh + sy) * p.rw + sx) * COUT;
+            }
+            for (var c = 0u; c < 4u; c++) {
+                if (n + c < COUT) { v[c] += res[ridx + n + c]; }
+            }
 #endif
-        if (RELU) {
-            v = max(v, vec4<f32>(0.0));
-        }
-        let o = m * COUT + n;
-        for (var j = 0u; j < 4u; j++) {
-            if (n + j < COUT) { y[o + j] = v[j]; }
+            if (RELU) {
+                v = max(v, vec4<f32>(0.0));
+            }
+            let o = m * COUT + n;
+            for (var c = 0u; c < 4u; c++) {
+                if (n + c < COUT) { y[o + c] = v[c]; }
+            }
         }
     }
 }

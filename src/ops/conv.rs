@@ -23,6 +23,31 @@ pub enum Residual {
     Nearest,
 }
 
+/// The register block of one thread of shaders/conv2d.wgsl (rows x columns of the GEMM); a
+/// workgroup of 16x16 threads computes a (16*rows)x(16*columns) output tile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConvTile {
+    /// 4x4 per thread, 64x64 per workgroup (the original kernel).
+    R4x4,
+    /// 8x4 per thread, 128x64 per workgroup: layers with at most 64 output channels.
+    R8x4,
+    /// 8x8 per thread, 128x128 per workgroup: half the workgroup-memory loads per FMA of 4x4.
+    R8x8,
+}
+
+impl ConvTile {
+    pub const ALL: [ConvTile; 3] = [ConvTile::R4x4, ConvTile::R8x4, ConvTile::R8x8];
+
+    /// (rows, columns) per thread.
+    pub fn block(self) -> (usize, usize) {
+        match self {
+            ConvTile::R4x4 => (4, 4),
+            ConvTile::R8x4 => (8, 4),
+            ConvTile::R8x8 => (8, 8),
+        }
+    }
+}
+
 /// The static description of one convolution layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Conv2d {
@@ -141,8 +166,27 @@ impl Conv2d {
         })
     }
 
+    /// The register block for this layer: 8x8 unless the output has at most 64 channels (then a
+    /// 128-wide tile would be half idle); `MARROW_CONV_TILE=4x4|8x4|8x8` overrides (benchmarks).
+    pub fn tile(&self) -> ConvTile {
+        match std::env::var("MARROW_CONV_TILE").as_deref() {
+            Ok("4x4") => ConvTile::R4x4,
+            Ok("8x4") => ConvTile::R8x4,
+            Ok("8x8") => ConvTile::R8x8,
+            _ if self.cout <= 64 => ConvTile::R8x4,
+            _ => ConvTile::R8x8,
+        }
+    }
+
+    /// The pipeline of this layer's tile ([`Conv2d::tile`]).
     pub fn pipeline(&self, gpu: &Gpu) -> Result<Arc<wgpu::ComputePipeline>> {
+        self.pipeline_for(gpu, self.tile())
+    }
+
+    /// The pipeline of a given tile (one cached variant per layer shape, epilogue and tile).
+    pub fn pipeline_for(&self, gpu: &Gpu, tile: ConvTile) -> Result<Arc<wgpu::ComputePipeline>> {
         let u = |v: usize| ConstVal::U32(v as u32);
+        let (rm, rn) = tile.block();
         gpu.pipeline(
             &KERNEL,
             &[
@@ -153,6 +197,8 @@ impl Conv2d {
                 ("CIN", u(self.cin)),
                 ("COUT", u(self.cout)),
                 ("RELU", ConstVal::Bool(self.relu)),
+                ("RM", u(rm)),
+                ("RN", u(rn)),
                 ("RESIDUAL", ConstVal::Bool(self.residual != Residual::None)),
                 (
                     "RES_MODE",
@@ -166,10 +212,26 @@ impl Conv2d {
         )
     }
 
-    /// Checks shapes and records the dispatch `y = act(conv(x) + bias [+ residual])`.
+    /// Checks shapes and records the dispatch `y = act(conv(x) + bias [+ residual])` with the
+    /// layer's tile ([`Conv2d::tile`]).
     pub fn encode(
         &self,
         gpu: &Gpu,
+        label: &str,
+        x: &Tensor,
+        weights: &ConvWeights,
+        residual: Option<&Tensor>,
+        y: &Tensor,
+    ) -> Result<Dispatch> {
+        self.encode_with(gpu, self.tile(), label, x, weights, residual, y)
+    }
+
+    /// [`Conv2d::encode`] with a given tile (tests run every tile).
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_with(
+        &self,
+        gpu: &Gpu,
+        tile: ConvTile,
         label: &str,
         x: &Tensor,
         weights: &ConvWeights,
@@ -233,18 +295,23 @@ impl Conv2d {
             pad0: 0,
             pad1: 0,
         };
-        let pipeline = self.pipeline(gpu)?;
+        let pipeline = self.pipeline_for(gpu, tile)?;
         let ubuf = gpu.uniform(&format!("{label} params"), &params);
         let mut bufs: Vec<&wgpu::Buffer> = vec![&x.buf, &weights.w, &weights.b, &y.buf];
         if let Some(r) = residual {
             bufs.push(&r.buf);
         }
+        let (rm, rn) = tile.block();
         gpu.dispatch(
             label,
             &pipeline,
             Some(&ubuf),
             &bufs,
-            [super::groups(m, 64), super::groups(self.cout, 64), 1],
+            [
+                super::groups(m, 16 * rm),
+                super::groups(self.cout, 16 * rn),
+                1,
+            ],
         )
     }
 

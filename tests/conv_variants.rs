@@ -1,0 +1,129 @@
+//! Every register-block variant of shaders/conv2d.wgsl (`ConvTile`: 4x4, 8x4, 8x8) against the
+//! plain CPU convolution on the same freshly drawn random shapes, whichever one a layer would
+//! pick, so every variant stays tested. Shapes straddle the tiles (rows % 128, channels % 64 and
+//! % 128, K tails), include CIN = 3, odd channels, stride 2, non-square kernels, unusual padding,
+//! batch > 1 and all residual modes.
+
+mod common;
+
+use common::{gpu, Rng};
+use marrow::cpu;
+use marrow::gpu::{Nhwc, Tensor};
+use marrow::ops::conv::{Conv2d, ConvTile, Residual};
+
+fn check(rng: &mut Rng, op: Conv2d, xs: Nhwc, res_hw: Option<(usize, usize)>) {
+    let g = gpu();
+    let x = rng.vec(xs.len(), -1.0, 1.0);
+    let w = rng.vec(op.cout * op.k(), -1.0, 1.0);
+    let b = rng.vec(op.cout, -1.0, 1.0);
+    let os = op.out_shape(xs).unwrap();
+    let rs = res_hw.map(|(h, w)| Nhwc::new(os.n, h, w, os.c));
+    let r = rs.map(|s| rng.vec(s.len(), -1.0, 1.0));
+    let (want, _) = cpu::conv2d(&op, &x, xs, &w, &b, r.as_deref().zip(rs));
+    let xt = Tensor::from_host(g, "x", xs, &x).unwrap();
+    let wt = op.upload(g, "conv", &w, &b).unwrap();
+    let rt = r
+        .as_ref()
+        .map(|r| Tensor::from_host(g, "res", rs.unwrap(), r).unwrap());
+    for kernel in ConvTile::ALL {
+        let yt = Tensor::new(g, "y", os).unwrap();
+        let d = op
+            .encode_with(g, kernel, "conv under test", &xt, &wt, rt.as_ref(), &yt)
+            .unwrap();
+        g.run("conv variant test", [&d]).unwrap();
+        let got = yt.read(g).unwrap();
+        let d = cpu::diff(&got, &want);
+        eprintln!(
+            "{kernel:?} conv {:?} x{xs} res{res_hw:?} -> {os}: max_abs {:.2e} rel {:.2e}",
+            (
+                op.kh,
+                op.kw,
+                op.stride,
+                op.pad,
+                op.cin,
+                op.cout,
+                op.relu,
+                op.residual
+            ),
+            d.max_abs,
+            d.rel_max,
+        );
+        assert_eq!(d.nonfinite, 0, "{kernel:?}");
+        // §14.3's single-layer tolerance (inputs in [-1, 1], K up to ~2300 terms).
+        assert!(d.rel_max <= 1e-5, "{kernel:?} conv mismatch: {d:?}");
+    }
+}
+
+#[test]
+fn conv_kernels_agree_with_cpu_on_random_shapes() {
+    let mut rng = Rng::for_test("conv_kernels_agree_with_cpu_on_random_shapes");
+    for case in 0..16 {
+        let k = rng.pick(&[1usize, 1, 3, 3, 7]);
+        let kw = if case % 5 == 4 {
+            rng.pick(&[1usize, 3])
+        } else {
+            k
+        };
+        let stride = rng.pick(&[1usize, 2]);
+        let pad = if case % 4 == 3 {
+            rng.range(0, k.min(kw) / 2)
+        } else {
+            (k.min(kw) - 1) / 2
+        };
+        let cin = match case {
+            0 => 3,
+            1 => 4 * rng.range(1, 40),
+            _ => rng.range(1, 140),
+        };
+        let cout = match case {
+            2 => 64 * rng.range(1, 2),
+            _ => rng.range(1, 270),
+        };
+        let n = rng.range(1, 3);
+        let h = rng.range(k.saturating_sub(2 * pad).max(1), 29);
+        let w = rng.range(kw.saturating_sub(2 * pad).max(1), 31);
+        let residual = rng.pick(&[Residual::None, Residual::Same, Residual::Nearest]);
+        let op = Conv2d {
+            cin,
+            cout,
+            kh: k,
+            kw,
+            stride,
+            pad,
+            relu: rng.range(0, 1) == 1,
+            residual,
+        };
+        let os = op.out_shape(Nhwc::new(n, h, w, cin)).unwrap();
+        let res_hw = match residual {
+            Residual::None => None,
+            Residual::Same => Some((os.h, os.w)),
+            Residual::Nearest => Some(match rng.range(0, 2) {
+                0 => (os.h.div_ceil(2).max(1), os.w.div_ceil(2).max(1)),
+                1 => (os.h, os.w),
+                _ => (rng.range(1, os.h + 3), rng.range(1, os.w + 3)),
+            }),
+        };
+        check(&mut rng, op, Nhwc::new(n, h, w, cin), res_hw);
+    }
+}
+
+#[test]
+fn conv_tile_choice_follows_the_output_channels() {
+    if std::env::var("MARROW_CONV_TILE").is_ok() {
+        return;
+    }
+    let op = |cout| Conv2d {
+        cin: 8,
+        cout,
+        kh: 1,
+        kw: 1,
+        stride: 1,
+        pad: 0,
+        relu: false,
+        residual: Residual::None,
+    };
+    assert_eq!(op(3).tile(), ConvTile::R8x4);
+    assert_eq!(op(64).tile(), ConvTile::R8x4);
+    assert_eq!(op(65).tile(), ConvTile::R8x8);
+    assert_eq!(op(2048).tile(), ConvTile::R8x8);
+}
