@@ -8,6 +8,13 @@ the whole backbone and for each stage, the thread count, and the CPU cores the p
 benches/backbone.rs runs this so that marrow's and torchvision's numbers come from the same run.
 
     python3 weights/bench_torchvision.py [--height 480] [--width 640] [--threads 2] [--reps 5] [--warmup 1]
+
+--full times the whole fasterrcnn_resnet50_fpn eval forward instead (the same FrozenBatchNorm2d
+ResNet-50-FPN-256 backbone, RPN, TwoMLPHead 1024, FastRCNNPredictor with --num-classes classes,
+torchvision's default test settings), split into transform / backbone / rpn / roi_heads /
+postprocess, with the live proposal and detection counts (benches/detector.rs runs this):
+
+    python3 weights/bench_torchvision.py --full [--num-classes 91] [--reps 3] [--warmup 1]
 """
 
 import argparse
@@ -20,6 +27,7 @@ import torch
 import torchvision
 from torchvision.models import resnet50
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FasterRCNN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -36,7 +44,11 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--full", action="store_true", help="time the whole detector, not just the backbone")
+    ap.add_argument("--num-classes", type=int, default=91, help="with --full: classes incl. background")
     a = ap.parse_args()
+    if a.full:
+        return full(a)
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -87,6 +99,65 @@ def main():
             }
         )
     )
+
+
+def full(a):
+    """The whole fasterrcnn_resnet50_fpn eval forward, stage by stage exactly as
+    GeneralizedRCNN.forward runs them (transform, backbone, rpn, roi_heads, postprocess)."""
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    # fasterrcnn_resnet50_fpn(weights=...) builds exactly this (FrozenBatchNorm2d because the
+    # pretrained builder uses it; with weights=None it would switch to BatchNorm2d).
+    backbone = _resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), 3)
+    model = FasterRCNN(backbone, num_classes=a.num_classes).eval()
+    images = [torch.rand(3, a.height, a.width) for _ in range(2)]
+
+    def run(i):
+        imgs = [images[i % 2]]
+        orig = [tuple(im.shape[-2:]) for im in imgs]
+        t = [time.perf_counter()]
+        batch, _ = model.transform(imgs)
+        t.append(time.perf_counter())
+        feats = model.backbone(batch.tensors)
+        t.append(time.perf_counter())
+        proposals, _ = model.rpn(batch, feats)
+        t.append(time.perf_counter())
+        dets, _ = model.roi_heads(feats, proposals, batch.image_sizes)
+        t.append(time.perf_counter())
+        dets = model.transform.postprocess(dets, batch.image_sizes, orig)
+        t.append(time.perf_counter())
+        parts = [t[j + 1] - t[j] for j in range(5)] + [t[5] - t[0]]
+        return parts, tuple(batch.tensors.shape), len(proposals[0]), len(dets[0]["boxes"])
+
+    with torch.no_grad():
+        for i in range(a.warmup):
+            run(i)
+        c0, w0 = time.process_time(), time.perf_counter()
+        runs = []
+        for i in range(a.reps):
+            parts, padded, n_prop, n_det = run(i)
+            runs.append(parts)
+        cores = (time.process_time() - c0) / (time.perf_counter() - w0)
+    names = ["transform", "backbone", "rpn", "roi_heads", "postprocess", "total"]
+    out = {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "mode": "full",
+        "num_classes": a.num_classes,
+        "threads": torch.get_num_threads(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "python": platform.python_version(),
+        "image": [a.height, a.width],
+        "padded": list(padded[2:]),
+        "proposals": n_prop,
+        "detections": n_det,
+        "reps": a.reps,
+        "warmup": a.warmup,
+        "cpu_cores_used": cores,
+    }
+    for j, n in enumerate(names):
+        out[f"{n}_s"] = stats([r[j] for r in runs])
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

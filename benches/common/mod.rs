@@ -119,6 +119,94 @@ pub fn seeded_resnet50_fpn() -> BenchResult<WeightStore> {
     )?)
 }
 
+/// The detection heads' tensors of torchvision's `fasterrcnn_resnet50_fpn` (RPN head over
+/// `fpn` channels with 3 anchors per location, TwoMLPHead with `rep` units, FastRCNNPredictor
+/// with `classes` classes including background), in `state_dict` order.
+pub fn faster_rcnn_head_tensors(
+    fpn: usize,
+    rep: usize,
+    classes: usize,
+) -> Vec<(String, Vec<usize>)> {
+    let a = 3;
+    let mut t: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut lin = |name: &str, o: usize, i: Vec<usize>| {
+        let mut w = vec![o];
+        w.extend(i);
+        t.push((format!("{name}.weight"), w));
+        t.push((format!("{name}.bias"), vec![o]));
+    };
+    lin("rpn.head.conv.0.0", fpn, vec![fpn, 3, 3]);
+    lin("rpn.head.cls_logits", a, vec![fpn, 1, 1]);
+    lin("rpn.head.bbox_pred", 4 * a, vec![fpn, 1, 1]);
+    lin("roi_heads.box_head.fc6", rep, vec![fpn * 7 * 7]);
+    lin("roi_heads.box_head.fc7", rep, vec![rep]);
+    lin("roi_heads.box_predictor.cls_score", classes, vec![rep]);
+    lin("roi_heads.box_predictor.bbox_pred", 4 * classes, vec![rep]);
+    t
+}
+
+/// Random (seedgen v1) weights for the whole `fasterrcnn_resnet50_fpn` (FPN 256, box head 1024)
+/// with `classes` classes and torchvision's default transform and head settings. The scales are
+/// the fixtures' (weights/make_fixtures.py): activations O(1) through the body, RPN objectness
+/// and class scores spread. Timing of the heads depends a little on the values (live proposal
+/// and candidate counts): the bench reports those counts.
+pub fn seeded_faster_rcnn(classes: usize) -> BenchResult<WeightStore> {
+    let scales: BTreeMap<String, f32> = [
+        ("backbone.body.layer1.", 0.85f32),
+        ("backbone.body.layer2.", 0.8),
+        ("backbone.body.layer3.", 0.8),
+        ("backbone.body.layer4.", 0.8),
+        ("rpn.head.cls_logits.", 0.4),
+        ("rpn.head.bbox_pred.", 0.07),
+        ("roi_heads.box_predictor.cls_score.", 0.15),
+        ("roi_heads.box_predictor.bbox_pred.", 0.1),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let mut tensors = resnet50_fpn_tensors(256);
+    tensors.extend(faster_rcnn_head_tensors(256, 1024, classes));
+    let spec = SeedSpec {
+        version: SEEDGEN_VERSION,
+        seed: SEED,
+        scales,
+        tensors,
+    };
+    let config = ModelConfig {
+        backbone: Some("resnet50".into()),
+        ..ModelConfig::default()
+    };
+    let tensors = spec
+        .generate_all()
+        .into_iter()
+        .map(|(n, shape, data)| (n, HostTensor { shape, data }));
+    Ok(WeightStore::from_tensors(
+        &format!("seedgen(seed {SEED}) fasterrcnn_resnet50_fpn, {classes} classes"),
+        config,
+        tensors,
+    )?)
+}
+
+/// Bytes of weights the engine uploads for a store: every conv / linear weight (rank >= 2) plus
+/// one bias per output channel (a BatchNorm folds into the conv's weight and a bias; BN tensors
+/// themselves are not uploaded). The RPN head is uploaded once and shared by the five levels.
+pub fn uploaded_weight_bytes(ws: &WeightStore) -> u64 {
+    ws.names()
+        .filter(|n| n.ends_with(".weight"))
+        .filter_map(|n| ws.shape(n))
+        .filter(|s| s.len() >= 2)
+        .map(|s| (s.iter().product::<usize>() + s[0]) as u64 * 4)
+        .sum()
+}
+
+/// wgpu's own allocator report (total allocated bytes, total reserved capacity) when the
+/// backend provides one (Vulkan, DX12 through gpu-allocator); `None` otherwise.
+pub fn allocator_bytes(gpu: &Gpu) -> Option<(u64, u64)> {
+    gpu.device
+        .generate_allocator_report()
+        .map(|r| (r.total_allocated_bytes, r.total_reserved_bytes))
+}
+
 /// Median, min, max of samples (seconds).
 #[derive(Debug, Clone)]
 pub struct Stats {

@@ -246,7 +246,7 @@ impl<'g> Detector<'g> {
             &image.buf,
             &x,
         )?];
-        front.extend(backbone_dispatches(&backbone));
+        front.extend(take_dispatches(&backbone));
         // Segment 2: RPN.
         let mut middle: Vec<Dispatch> = Vec::new();
         middle.extend(take_dispatches(&rpn_head));
@@ -468,7 +468,9 @@ impl<'g> Detector<'g> {
         Ok((d, st))
     }
 
-    /// Bytes of GPU buffers a plan of this size holds (activations + head buffers), for reports.
+    /// Bytes of the plan's activation buffers (after lifetime reuse) and RoI features, for
+    /// reports. Head scratch (NMS masks, RPN and box-head buffers; ~54 MiB at 800×1088 with the
+    /// 16384-candidate box NMS) and the weights are not included: see docs/perf.md §8.
     pub fn plan_bytes(&mut self, h: usize, w: usize) -> Result<u64> {
         let p = self.plan(h, w)?;
         Ok(p.backbone.activation_bytes
@@ -477,13 +479,72 @@ impl<'g> Detector<'g> {
             + p.rois.shape.bytes())
     }
 
+    /// Every dispatch of the plan for an `h`×`w` input, in run order, with its stage (one of
+    /// [`STAGES`], classified by dispatch label; "other" for an unknown label) and its FLOPs
+    /// (convolutions and linears; 0 for everything else). For benchmarks that time each stage with
+    /// GPU timestamps: these are the very dispatches [`Detector::detect`] submits.
+    pub fn timed_stages(
+        &mut self,
+        h: usize,
+        w: usize,
+    ) -> Result<Vec<(&'static str, &Dispatch, f64)>> {
+        let p = self.plan(h, w)?;
+        let flops: HashMap<&str, f64> = [&p.backbone, &p.rpn_head, &p.mlp]
+            .into_iter()
+            .flat_map(|pl| pl.ops.iter())
+            .map(|o| (o.dispatch.label.as_str(), o.flops))
+            .collect();
+        Ok(p.front
+            .iter()
+            .chain(&p.middle)
+            .chain(&p.back)
+            .map(|d| {
+                let f = flops.get(d.label.as_str()).copied().unwrap_or(0.0);
+                (stage_of(&d.label), d, f)
+            })
+            .collect())
+    }
+
     pub fn box_mlp(&self) -> &BoxMlp {
         &self.box_mlp
     }
 }
 
-fn backbone_dispatches(p: &Plan) -> Vec<Dispatch> {
-    take_dispatches(p)
+/// The stages [`Detector::timed_stages`] reports, in run order.
+pub const STAGES: [&str; 11] = [
+    "transform",
+    "body",
+    "fpn",
+    "rpn head",
+    "rpn proposals",
+    "rpn nms",
+    "roi align",
+    "box mlp",
+    "box postprocess",
+    "box nms",
+    "finalize",
+];
+
+/// Stage of a dispatch, by the label prefixes the plan gives its dispatches. "rpn proposals" is
+/// top-k, decode, filters and the gather after NMS.
+fn stage_of(label: &str) -> &'static str {
+    let prefixes = [
+        ("transform", "transform"),
+        ("backbone.body", "body"),
+        ("backbone.fpn", "fpn"),
+        ("rpn.head", "rpn head"),
+        ("rpn nms", "rpn nms"),
+        ("rpn", "rpn proposals"),
+        ("roi align", "roi align"),
+        ("roi_heads.", "box mlp"),
+        ("box nms", "box nms"),
+        ("box_head.finalize", "finalize"),
+        ("box_head.", "box postprocess"),
+    ];
+    prefixes
+        .iter()
+        .find(|(p, _)| label.starts_with(p))
+        .map_or("other", |(_, s)| s)
 }
 
 /// Clones a plan's dispatches into a segment list (dispatches are cheap handles).
