@@ -330,50 +330,8 @@ fn run() -> BenchResult<()> {
     Ok(())
 }
 
-/// Runs weights/bench_torchvision.py and parses its JSON (the last line of stdout).
+/// torchvision's backbone on the CPU (see [`common::run_torchvision`]).
 fn torchvision(reps: usize, warmup: usize) -> Result<Value, String> {
-    if std::env::var("MARROW_BENCH_TORCH").is_ok_and(|v| v == "0") {
-        return Err("MARROW_BENCH_TORCH=0".into());
-    }
-    let root = env!("CARGO_MANIFEST_DIR");
-    let ok = std::process::Command::new("python3")
-        .args(["-c", "import torch, torchvision"])
-        .output()
-        .map_err(|e| format!("python3 not runnable: {e}"))?;
-    if !ok.status.success() {
-        return Err("python3 cannot import torch and torchvision".into());
-    }
     eprintln!("torchvision: {warmup} warm-up + {reps} runs with 2 threads ...");
-    let (h, w) = IMAGE;
-    let out = std::process::Command::new("python3")
-        .current_dir(root)
-        .args([
-            "weights/bench_torchvision.py",
-            "--height",
-            &h.to_string(),
-            "--width",
-            &w.to_string(),
-            "--threads",
-            "2",
-            "--reps",
-            &reps.to_string(),
-            "--warmup",
-            &warmup.to_string(),
-        ])
-        .output()
-        .map_err(|e| format!("running weights/bench_torchvision.py: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "weights/bench_torchvision.py failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .unwrap_or("");
-    serde_json::from_str(last)
-        .map_err(|e| format!("bench_torchvision.py printed no JSON ({e}): {stdout}"))
+    common::run_torchvision(&[], IMAGE, reps, warmup)
 }

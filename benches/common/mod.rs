@@ -713,3 +713,56 @@ pub fn print_table(head: &[&str], rows: &[Vec<String>]) {
         line(r.clone());
     }
 }
+
+/// Runs `weights/bench_torchvision.py` (torchvision on the CPU, 2 threads, same input size) with
+/// `extra` arguments and parses its JSON (the last `{`-line of stdout). `Err` explains a skip:
+/// `MARROW_BENCH_TORCH=0`, no python3, or torch / torchvision not importable.
+pub fn run_torchvision(
+    extra: &[String],
+    image: (usize, usize),
+    reps: usize,
+    warmup: usize,
+) -> Result<serde_json::Value, String> {
+    if std::env::var("MARROW_BENCH_TORCH").is_ok_and(|v| v == "0") {
+        return Err("MARROW_BENCH_TORCH=0".into());
+    }
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import torch, torchvision"])
+        .output()
+        .map_err(|e| format!("python3 not runnable: {e}"))?;
+    if !ok.status.success() {
+        return Err("python3 cannot import torch and torchvision".into());
+    }
+    let (h, w) = image;
+    let mut args: Vec<String> = vec!["weights/bench_torchvision.py".into()];
+    args.extend(extra.iter().cloned());
+    for (k, v) in [
+        ("--height", h),
+        ("--width", w),
+        ("--threads", 2),
+        ("--reps", reps),
+        ("--warmup", warmup),
+    ] {
+        args.push(k.into());
+        args.push(v.to_string());
+    }
+    let out = std::process::Command::new("python3")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(&args)
+        .output()
+        .map_err(|e| format!("running weights/bench_torchvision.py: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "weights/bench_torchvision.py failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .unwrap_or("");
+    serde_json::from_str(last)
+        .map_err(|e| format!("bench_torchvision.py printed no JSON ({e}): {stdout}"))
+}
