@@ -124,3 +124,45 @@ fn zero_proposals_and_zero_detections_flow_through() {
     let (_, mut normal, _) = fixture_detector("image_land_120x160.safetensors");
     assert_eq!(normal.detect(&image).unwrap().detections.len(), 100);
 }
+
+#[test]
+fn plan_memory_accounting_matches_the_allocator() {
+    // Uses its own device so other tests' buffers are not in the allocator's total.
+    let g: &'static marrow::gpu::Gpu = Box::leak(Box::new(
+        marrow::gpu::Gpu::new(&marrow::gpu::GpuOptions::default()).unwrap(),
+    ));
+    let dump = RefDump::open(&fixture("image_land_120x160.safetensors")).unwrap();
+    let ws = dump.seeded_weights().unwrap().unwrap();
+    // Bytes of every tensor in the file; the GPU holds fewer (FrozenBN's 4 vectors fold into one
+    // bias per channel).
+    let file_bytes: u64 = ws
+        .names()
+        .map(|n| ws.shape(n).unwrap().iter().product::<usize>() as u64 * 4)
+        .sum();
+    let mut det = Detector::new(g, ws).unwrap();
+    let image = {
+        let (s, v) = dump.f32("input.image", 3).unwrap();
+        ImageF32 {
+            h: s[1],
+            w: s[2],
+            data: v.to_vec(),
+        }
+    };
+    det.detect(&image).unwrap();
+    let plan = det.plan_bytes(image.h, image.w).unwrap();
+    let Some(report) = g.device.generate_allocator_report() else {
+        eprintln!("this backend has no allocator report; skipping the comparison");
+        return;
+    };
+    let allocated = report.total_allocated_bytes;
+    eprintln!("plan {plan} B, weights in the file {file_bytes} B, allocator {allocated} B");
+    // Besides the plan, the allocator holds the uploaded weights (at most the file's tensors)
+    // and ~200 small uniform buffers (measured: 218 KiB beyond the file size at this fixture); a
+    // plan that forgot a buffer of its own would leave a gap larger than the 1 MiB margin.
+    let rest = allocated.saturating_sub(plan);
+    assert!(plan <= allocated, "plan {plan} > allocated {allocated}");
+    assert!(
+        rest <= file_bytes + (1 << 20),
+        "unaccounted: {rest} B beyond the plan, weights {file_bytes} B"
+    );
+}

@@ -75,6 +75,8 @@ struct SizePlan {
     post_bufs: BoxBuffers,
     _det_scratch: NmsScratch,
     det_nms_capacity: usize,
+    /// Bytes of every head buffer and NMS scratch this plan allocated (for memory reports).
+    head_bytes: u64,
     dets: Buffer,
     det_count: Buffer,
     front: Vec<Dispatch>,
@@ -236,6 +238,42 @@ impl<'g> Detector<'g> {
         let det_keep_count = gpu.storage("box nms keep count", 4)?;
         let dets = gpu.storage("detections [100, 8]", post.max_det as u64 * 32)?;
         let det_count = gpu.storage("detections count", 4)?;
+        let t = &rpn_bufs.topk;
+        let head_bytes: u64 = [
+            &t.keys,
+            &t.hist,
+            &t.state,
+            &t.cand,
+            &t.order,
+            &rpn_bufs.raw_boxes,
+            &rpn_bufs.raw_scores,
+            &rpn_bufs.boxes,
+            &rpn_bufs.scores,
+            &rpn_bufs.levels,
+            &rpn_bufs.count,
+            &rpn_keep,
+            &rpn_keep_count,
+            &proposals,
+            &proposal_scores,
+            &proposal_count,
+            &post_bufs.cls_scores,
+            &post_bufs.cls_boxes,
+            &post_bufs.cand_boxes,
+            &post_bufs.cand_scores,
+            &post_bufs.cand_labels,
+            &post_bufs.cand_count,
+            &det_keep,
+            &det_keep_count,
+            &dets,
+            &det_count,
+        ]
+        .iter()
+        .map(|b| b.size())
+        .sum::<u64>()
+            + rpn_nms.scratch_bytes()
+            + det_nms.scratch_bytes()
+            + image.shape.bytes()
+            + x.shape.bytes();
 
         // Segment 1: transform + body + FPN (the transform dispatch is re-recorded per run
         // because it reads the image buffer, which is per plan anyway).
@@ -357,6 +395,7 @@ impl<'g> Detector<'g> {
             post_bufs,
             _det_scratch: det_scratch,
             det_nms_capacity,
+            head_bytes,
             dets,
             det_count,
             front,
@@ -468,15 +507,16 @@ impl<'g> Detector<'g> {
         Ok((d, st))
     }
 
-    /// Bytes of the plan's activation buffers (after lifetime reuse) and RoI features, for
-    /// reports. Head scratch (NMS masks, RPN and box-head buffers; ~54 MiB at 800×1088 with the
-    /// 16384-candidate box NMS) and the weights are not included: see docs/perf.md §8.
+    /// Bytes of every GPU buffer a plan of this size allocated: activations (after lifetime
+    /// reuse), RoI features, the image and transformed image, head buffers and NMS scratch.
+    /// Weights are not included. Allocated-buffer accounting, not a driver measurement.
     pub fn plan_bytes(&mut self, h: usize, w: usize) -> Result<u64> {
         let p = self.plan(h, w)?;
         Ok(p.backbone.activation_bytes
             + p.rpn_head.activation_bytes
             + p.mlp.activation_bytes
-            + p.rois.shape.bytes())
+            + p.rois.shape.bytes()
+            + p.head_bytes)
     }
 
     /// Every dispatch of the plan for an `h`×`w` input, in run order, with its stage (one of
