@@ -53,15 +53,7 @@ fn run() -> BenchResult<()> {
     let stage_reps = env_usize("MARROW_BENCH_STAGE_REPS", 1);
     let gpu = Gpu::new(&GpuOptions::default())?;
     let machine = machine(&gpu);
-    eprintln!(
-        "adapter: {} ({}, {}), timestamps: {}; load average {:.2} on {} CPUs",
-        gpu.report.name,
-        gpu.report.backend,
-        gpu.report.driver_info,
-        gpu.caps.timestamps,
-        loadavg(),
-        cpus()
-    );
+    print_adapter(&gpu);
 
     let t0 = Instant::now();
     let ws = seeded_resnet50_fpn()?;

@@ -73,15 +73,7 @@ fn run() -> BenchResult<()> {
     let gpu = Gpu::new(&GpuOptions::default())?;
     let per_core = gpu.report.software;
     let machine = machine(&gpu);
-    eprintln!(
-        "adapter: {} ({}, {}), timestamps: {}; load average {:.2} on {} CPUs",
-        gpu.report.name,
-        gpu.report.backend,
-        gpu.report.driver_info,
-        gpu.caps.timestamps,
-        loadavg(),
-        cpus()
-    );
+    print_adapter(&gpu);
     if gpu.report.software {
         eprintln!(
             "note: software adapter: the whole sweep takes several minutes (MARROW_BENCH_REPS, \

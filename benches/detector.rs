@@ -216,15 +216,7 @@ fn run() -> BenchResult<()> {
     let gpu = Gpu::new(&GpuOptions::default())?;
     let machine = machine(&gpu);
     let t_start = Instant::now();
-    eprintln!(
-        "adapter: {} ({}, {}), timestamps: {}; load average {:.2} on {} CPUs",
-        gpu.report.name,
-        gpu.report.backend,
-        gpu.report.driver_info,
-        gpu.caps.timestamps,
-        loadavg(),
-        cpus()
-    );
+    print_adapter(&gpu);
     let mut loads = vec![("start".to_string(), loadavg())];
     let ceil = ceilings(&gpu, 1, 2)?;
     loads.push(("after ceilings".into(), loadavg()));

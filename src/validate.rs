@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Nhwc};
 use crate::model::backbone::FPN_NAMES;
 use crate::model::config::{ModelConfig, CONFIG_KEY};
-use crate::model::weights::{HostTensor, WeightStore};
+use crate::model::weights::WeightStore;
 use crate::model::{Backbone, ImageF32};
 use crate::seedgen::{SeedSpec, SEEDGEN_KEY};
 
@@ -137,12 +137,8 @@ impl RefDump {
                 .map_err(|e| self.err(format!("metadata {CONFIG_KEY}: {e}")))?,
             None => ModelConfig::default(),
         };
-        let tensors = spec
-            .generate_all()
-            .into_iter()
-            .map(|(n, shape, data)| (n, HostTensor { shape, data }));
         let label = format!("seedgen(seed {}) from {}", spec.seed, self.path.display());
-        WeightStore::from_tensors(&label, config, tensors).map(Some)
+        WeightStore::from_seed_spec(&spec, config, &label).map(Some)
     }
 }
 

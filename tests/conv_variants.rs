@@ -94,15 +94,7 @@ fn conv_kernels_agree_with_cpu_on_random_shapes() {
             residual,
         };
         let os = op.out_shape(Nhwc::new(n, h, w, cin)).unwrap();
-        let res_hw = match residual {
-            Residual::None => None,
-            Residual::Same => Some((os.h, os.w)),
-            Residual::Nearest => Some(match rng.range(0, 2) {
-                0 => (os.h.div_ceil(2).max(1), os.w.div_ceil(2).max(1)),
-                1 => (os.h, os.w),
-                _ => (rng.range(1, os.h + 3), rng.range(1, os.w + 3)),
-            }),
-        };
+        let res_hw = common::residual_hw(&mut rng, residual, os);
         check(&mut rng, op, Nhwc::new(n, h, w, cin), res_hw);
     }
 }

@@ -80,16 +80,7 @@ fn conv_random_shapes_against_cpu() {
             residual,
         };
         let os = op.out_shape(Nhwc::new(n, h, w, cin)).unwrap();
-        let res_hw = match residual {
-            Residual::None => None,
-            Residual::Same => Some((os.h, os.w)),
-            // exact 2x, identity, or an arbitrary (general nearest rule) source size
-            Residual::Nearest => Some(match rng.range(0, 2) {
-                0 => (os.h.div_ceil(2).max(1), os.w.div_ceil(2).max(1)),
-                1 => (os.h, os.w),
-                _ => (rng.range(1, os.h + 3), rng.range(1, os.w + 3)),
-            }),
-        };
+        let res_hw = common::residual_hw(&mut rng, residual, os);
         run_conv_case(&mut rng, op, Nhwc::new(n, h, w, cin), res_hw);
     }
 }

@@ -514,84 +514,26 @@ fn bad_inputs_are_errors() {
     let g = gpu();
     let mk = |h: usize, c: usize| Tensor::new(g, "lvl", Nhwc::new(1, h, h, c)).unwrap();
     let (a, b, cc, d) = (mk(32, 4), mk(16, 4), mk(8, 4), mk(4, 4));
+    let wrong_c = mk(16, 5);
     let boxes = g.storage("boxes", 10 * 16).unwrap();
     let count = g.upload("count", &[0u32]).unwrap();
     let out = g.storage("out", 10 * 49 * 4 * 4).unwrap();
     let pool = MultiScaleRoiAlign::box_head(10, 4);
-    assert!(pool
-        .encode(
-            g,
-            "ok",
-            [&a, &b, &cc, &d],
-            (128, 128),
-            0,
-            &boxes,
-            &count,
-            &out
-        )
-        .is_ok());
-    assert!(pool
-        .encode(
-            g,
-            "batch",
-            [&a, &b, &cc, &d],
-            (128, 128),
-            1,
-            &boxes,
-            &count,
-            &out
-        )
-        .is_err());
-    let wrong_c = mk(16, 5);
-    assert!(pool
-        .encode(
-            g,
-            "channels",
-            [&a, &wrong_c, &cc, &d],
-            (128, 128),
-            0,
-            &boxes,
-            &count,
-            &out
-        )
-        .is_err());
-    assert!(pool
-        .encode(
-            g,
-            "scales",
-            [&a, &a, &cc, &d],
-            (128, 128),
-            0,
-            &boxes,
-            &count,
-            &out
-        )
-        .is_err());
-    assert!(pool
-        .encode(
-            g,
-            "image",
-            [&a, &b, &cc, &d],
-            (0, 128),
-            0,
-            &boxes,
-            &count,
-            &out
-        )
-        .is_err());
+    let encode = |op: &MultiScaleRoiAlign, levels: [&Tensor; 4], image: (usize, usize), batch| {
+        op.encode(g, "roi align", levels, image, batch, &boxes, &count, &out)
+    };
+    assert!(encode(&pool, [&a, &b, &cc, &d], (128, 128), 0).is_ok());
+    // batch index past the batch
+    assert!(encode(&pool, [&a, &b, &cc, &d], (128, 128), 1).is_err());
+    // a level with the wrong channel count
+    assert!(encode(&pool, [&a, &wrong_c, &cc, &d], (128, 128), 0).is_err());
+    // scales that do not halve level to level
+    assert!(encode(&pool, [&a, &a, &cc, &d], (128, 128), 0).is_err());
+    // an empty image size
+    assert!(encode(&pool, [&a, &b, &cc, &d], (0, 128), 0).is_err());
+    // a capacity larger than the buffers
     let big = MultiScaleRoiAlign::box_head(11, 4);
-    assert!(big
-        .encode(
-            g,
-            "capacity",
-            [&a, &b, &cc, &d],
-            (128, 128),
-            0,
-            &boxes,
-            &count,
-            &out
-        )
-        .is_err());
+    assert!(encode(&big, [&a, &b, &cc, &d], (128, 128), 0).is_err());
 }
 
 #[test]

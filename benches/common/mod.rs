@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use marrow::gpu::{ConstVal, Dispatch, Gpu, Kernel, Nhwc, Tensor};
 use marrow::model::config::ModelConfig;
-use marrow::model::weights::{HostTensor, WeightStore};
+use marrow::model::weights::WeightStore;
 use marrow::ops::conv::{Conv2d, Residual};
 use marrow::seedgen::{SeedSpec, SEEDGEN_VERSION};
 use serde_json::{json, Value};
@@ -108,14 +108,10 @@ pub fn seeded_resnet50_fpn() -> BenchResult<WeightStore> {
         backbone: Some("resnet50".into()),
         ..ModelConfig::default()
     };
-    let tensors = spec
-        .generate_all()
-        .into_iter()
-        .map(|(n, shape, data)| (n, HostTensor { shape, data }));
-    Ok(WeightStore::from_tensors(
-        &format!("seedgen(seed {SEED}) resnet50-fpn256"),
+    Ok(WeightStore::from_seed_spec(
+        &spec,
         config,
-        tensors,
+        &format!("seedgen(seed {SEED}) resnet50-fpn256"),
     )?)
 }
 
@@ -176,14 +172,10 @@ pub fn seeded_faster_rcnn(classes: usize) -> BenchResult<WeightStore> {
         backbone: Some("resnet50".into()),
         ..ModelConfig::default()
     };
-    let tensors = spec
-        .generate_all()
-        .into_iter()
-        .map(|(n, shape, data)| (n, HostTensor { shape, data }));
-    Ok(WeightStore::from_tensors(
-        &format!("seedgen(seed {SEED}) fasterrcnn_resnet50_fpn, {classes} classes"),
+    Ok(WeightStore::from_seed_spec(
+        &spec,
         config,
-        tensors,
+        &format!("seedgen(seed {SEED}) fasterrcnn_resnet50_fpn, {classes} classes"),
     )?)
 }
 
@@ -765,4 +757,17 @@ pub fn run_torchvision(
         .unwrap_or("");
     serde_json::from_str(last)
         .map_err(|e| format!("bench_torchvision.py printed no JSON ({e}): {stdout}"))
+}
+
+/// The adapter line every benchmark starts with: name, backend, driver, timestamps, load.
+pub fn print_adapter(gpu: &Gpu) {
+    eprintln!(
+        "adapter: {} ({}, {}), timestamps: {}; load average {:.2} on {} CPUs",
+        gpu.report.name,
+        gpu.report.backend,
+        gpu.report.driver_info,
+        gpu.caps.timestamps,
+        loadavg(),
+        cpus()
+    );
 }

@@ -10,7 +10,7 @@ pub mod weights;
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Nhwc, Tensor};
+use crate::gpu::{Dispatch, Gpu, Nhwc, Tensor};
 use crate::ops::transform::{self, TransformSizes};
 use backbone::{BackboneArch, BackboneBuilder};
 use graph::{Graph, Plan};
@@ -44,7 +44,9 @@ pub struct Backbone<'g> {
     pub arch: BackboneArch,
     pub weights: WeightStore,
     graph: Graph,
-    plans: HashMap<(usize, usize), (Tensor, Tensor, Plan)>,
+    /// Per input size: the image buffer, the transformed image, the transform dispatch and the
+    /// body + FPN plan, all recorded once.
+    plans: HashMap<(usize, usize), (Tensor, Tensor, Dispatch, Plan)>,
 }
 
 /// Named host copies of stage outputs (NHWC) for validation and tests.
@@ -104,15 +106,15 @@ impl<'g> Backbone<'g> {
             let plan = self
                 .graph
                 .plan(self.gpu, "backbone", std::slice::from_ref(&x))?;
-            self.plans.insert(key, (img, x, plan));
+            let t = transform::encode(self.gpu, &cfg, &sizes, &img.buf, &x)?;
+            self.plans.insert(key, (img, x, t, plan));
         }
-        let (img, x, plan) = &self.plans[&key];
+        let (img, x, t, plan) = &self.plans[&key];
         self.gpu
             .queue
             .write_buffer(&img.buf, 0, bytemuck::cast_slice(&image.data));
-        let t = transform::encode(self.gpu, &cfg, &sizes, &img.buf, x)?;
         self.gpu
-            .run("backbone", std::iter::once(&t).chain(plan.dispatches()))?;
+            .run("backbone", std::iter::once(t).chain(plan.dispatches()))?;
         let mut tensors = vec![("transform.image".to_string(), x.shape, x.read(self.gpu)?)];
         for (name, t) in &plan.outputs {
             tensors.push((name.clone(), t.shape, t.read(self.gpu)?));

@@ -219,6 +219,20 @@ impl WeightStore {
         Ok(store)
     }
 
+    /// The weights a [`crate::seedgen::SeedSpec`] describes (fixtures, benchmarks), generated in
+    /// memory: exactly the tensors torchvision saw when the fixture was made.
+    pub fn from_seed_spec(
+        spec: &crate::seedgen::SeedSpec,
+        config: ModelConfig,
+        source: &str,
+    ) -> Result<WeightStore> {
+        let tensors = spec
+            .generate_all()
+            .into_iter()
+            .map(|(n, shape, data)| (n, HostTensor { shape, data }));
+        Self::from_tensors(source, config, tensors)
+    }
+
     fn err(&self, message: String) -> Error {
         Error::Weights {
             path: self.source.clone(),

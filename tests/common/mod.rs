@@ -55,3 +55,23 @@ impl Rng {
         xs[self.range(0, xs.len() - 1)]
     }
 }
+
+/// The source size of a random residual for a conv with output `os`: none, the output's own
+/// size, or for the nearest-upsample add one of exact 2×, identity, or an arbitrary size (ATen's
+/// general nearest rule).
+pub fn residual_hw(
+    rng: &mut Rng,
+    residual: marrow::ops::conv::Residual,
+    os: marrow::gpu::Nhwc,
+) -> Option<(usize, usize)> {
+    use marrow::ops::conv::Residual;
+    match residual {
+        Residual::None => None,
+        Residual::Same => Some((os.h, os.w)),
+        Residual::Nearest => Some(match rng.range(0, 2) {
+            0 => (os.h.div_ceil(2).max(1), os.w.div_ceil(2).max(1)),
+            1 => (os.h, os.w),
+            _ => (rng.range(1, os.h + 3), rng.range(1, os.w + 3)),
+        }),
+    }
+}
