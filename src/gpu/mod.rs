@@ -539,14 +539,36 @@ impl Gpu {
     /// Reads several buffers back with one copy submission and one map: the single read-back at
     /// the end of an image. `parts` are (buffer, bytes from its start).
     pub fn read_back_many(&self, parts: &[(&wgpu::Buffer, u64)]) -> Result<Vec<Vec<u8>>> {
-        let sizes: Vec<u64> = parts.iter().map(|(_, b)| b.div_ceil(4) * 4).collect();
-        let total: u64 = sizes.iter().sum::<u64>().max(4);
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("marrow read-back staging (batched)"),
-            size: total,
+        let total: u64 = parts.iter().map(|(_, b)| b.div_ceil(4) * 4).sum();
+        let staging = self.staging("marrow read-back staging (batched)", total);
+        self.read_back_via(&staging, parts)
+    }
+
+    /// A mappable buffer of at least `bytes` for [`Gpu::read_back_via`]; a plan keeps one so the
+    /// per-image read-back allocates nothing.
+    pub fn staging(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(4).div_ceil(4) * 4,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
-        });
+        })
+    }
+
+    /// [`Gpu::read_back_many`] through a caller-owned staging buffer.
+    pub fn read_back_via(
+        &self,
+        staging: &wgpu::Buffer,
+        parts: &[(&wgpu::Buffer, u64)],
+    ) -> Result<Vec<Vec<u8>>> {
+        let sizes: Vec<u64> = parts.iter().map(|(_, b)| b.div_ceil(4) * 4).collect();
+        let total: u64 = sizes.iter().sum();
+        if total > staging.size() {
+            return Err(Error::Gpu(format!(
+                "read-back of {total} bytes into a {}-byte staging buffer",
+                staging.size()
+            )));
+        }
         let mut enc = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -555,7 +577,7 @@ impl Gpu {
         let mut off = 0;
         for ((buf, _), sz) in parts.iter().zip(&sizes) {
             if *sz > 0 {
-                enc.copy_buffer_to_buffer(buf, 0, &staging, off, Some(*sz));
+                enc.copy_buffer_to_buffer(buf, 0, staging, off, Some(*sz));
             }
             off += sz;
         }

@@ -77,6 +77,8 @@ struct SizePlan {
     det_nms_capacity: usize,
     /// Bytes of every head buffer and NMS scratch this plan allocated (for memory reports).
     head_bytes: u64,
+    /// Staging for the one read-back per image (counts + detection rows), reused.
+    readback: Buffer,
     dets: Buffer,
     det_count: Buffer,
     front: Vec<Dispatch>,
@@ -396,6 +398,7 @@ impl<'g> Detector<'g> {
             _det_scratch: det_scratch,
             det_nms_capacity,
             head_bytes,
+            readback: gpu.staging("detections read-back staging", 8 + post.max_det as u64 * 32),
             dets,
             det_count,
             front,
@@ -638,11 +641,14 @@ fn read_back(gpu: &Gpu, p: &SizePlan, st: &mut DebugStages, num_classes: usize) 
 
 /// The one read-back: detection count, rows, and the candidate count (overflow check).
 fn finish(gpu: &Gpu, p: &SizePlan) -> Result<Detections> {
-    let r = gpu.read_back_many(&[
-        (&p.det_count, 4),
-        (&p.post_bufs.cand_count, 4),
-        (&p.dets, p.post.max_det as u64 * 32),
-    ])?;
+    let r = gpu.read_back_via(
+        &p.readback,
+        &[
+            (&p.det_count, 4),
+            (&p.post_bufs.cand_count, 4),
+            (&p.dets, p.post.max_det as u64 * 32),
+        ],
+    )?;
     let n = u32s(&r[0])[0] as usize;
     let cands = u32s(&r[1])[0] as usize;
     if cands > p.det_nms_capacity {
