@@ -2,13 +2,18 @@
 """Convert a torchvision Faster R-CNN + ResNet-FPN checkpoint (.pth) to a marrow safetensors file.
 
     python weights/convert.py IN.pth OUT.safetensors [--half] [--class-names a,b,c | --class-names-file F]
-        [--eps 0.0] [--min-size 800] [--max-size 1333] [--drop-unknown] [--no-verify]
+        [--eps E] [--min-size 800] [--max-size 1333] [--field PX] [--lineage NAME=myeloid,NAME=erythroid]
+        [--drop-unknown] [--no-verify]
 
 IN: a state_dict, or a training checkpoint dict holding one under "model" / "state_dict" /
 "model_state_dict" (a "module." prefix is stripped). Legacy FPN/RPN names are renamed to the
 current torchvision names, *.num_batches_tracked is dropped, the architecture is inferred from
 the shapes and checked, and the config JSON is written to the "marrow.config" metadata key
 (+ "marrow.source" = {"file", "sha256"}). Unknown tensors are refused unless --drop-unknown.
+
+FrozenBatchNorm2d eps: --eps when given; otherwise inferred: `*.num_batches_tracked` buffers mean the
+model was trained with BatchNorm2d (eps 1e-5); without them it cannot be told, and 0.0 (torchvision's
+pretrained builder, `overwrite_eps`) is used with a warning.
 """
 from __future__ import annotations
 
@@ -23,15 +28,38 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import marrow_model as mm  # noqa: E402
 
 
-def convert(src: str, dst: str, half=False, class_names=None, eps=0.0, min_size=800, max_size=1333,
-            drop_unknown=False, verify=True, log=print) -> dict:
+DEFAULT_EPS = 0.0  # torchvision's pretrained detection builders (overwrite_eps)
+BATCHNORM_EPS = 1e-5  # torch.nn.BatchNorm2d's default
+
+
+def infer_eps(raw_sd, eps=None, log=print) -> float:
+    """The FrozenBatchNorm2d eps to record: `eps` when given, 1e-5 when the checkpoint holds
+    BatchNorm2d `num_batches_tracked` buffers, else DEFAULT_EPS with a warning."""
+    if eps is not None:
+        log(f"eps {float(eps):g}: given with --eps")
+        return float(eps)
+    n = sum(1 for k in raw_sd if k.endswith("num_batches_tracked"))
+    if n:
+        log(f"eps {BATCHNORM_EPS:g}: the checkpoint has {n} num_batches_tracked buffers, so it was trained "
+            "with BatchNorm2d (eps 1e-5); pass --eps to override")
+        return BATCHNORM_EPS
+    log(f"warning: eps {DEFAULT_EPS:g}: could not tell how the model was normalised (no num_batches_tracked "
+        "buffers: FrozenBatchNorm2d), so the default of torchvision's pretrained builders is used; pass "
+        "--eps 1e-5 if it was built with FrozenBatchNorm2d's own default or trained with BatchNorm2d")
+    return DEFAULT_EPS
+
+
+def convert(src: str, dst: str, half=False, class_names=None, eps=None, min_size=800, max_size=1333,
+            drop_unknown=False, verify=True, log=print, field=None, lineage=None) -> dict:
     try:
         obj = torch.load(src, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001  (torch raises many kinds for a bad file)
         raise mm.MarrowError(f"cannot read checkpoint: {e}") from e
-    sd = mm.normalise_names(mm.extract_state_dict(obj))
+    raw = mm.extract_state_dict(obj)
+    eps = infer_eps(raw, eps, log)
+    sd = mm.normalise_names(raw)
     arch = mm.infer_arch({k: tuple(v.shape) for k, v in sd.items()})
-    cfg = mm.make_config(arch["backbone"], class_names, min_size, max_size, eps)
+    cfg = mm.make_config(arch["backbone"], class_names, min_size, max_size, eps, field, lineage)
     mm.check_config_vs_arch(cfg, arch)
     model = mm.build_model(cfg, arch)
     expected = mm.model_tensor_shapes(model)
@@ -79,9 +107,14 @@ def main(argv=None):
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--class-names", help="comma-separated, index 0 = background")
     g.add_argument("--class-names-file", help="one class name per line, index 0 = background")
-    ap.add_argument("--eps", type=float, default=0.0, help="FrozenBatchNorm2d eps (0.0 = torchvision builder)")
+    ap.add_argument("--eps", type=float, default=None,
+                    help="FrozenBatchNorm2d eps (default: 1e-5 when the checkpoint has num_batches_tracked "
+                         "buffers, i.e. BatchNorm2d training; else 0.0 = torchvision's pretrained builder)")
     ap.add_argument("--min-size", type=int, default=800)
     ap.add_argument("--max-size", type=int, default=1333)
+    ap.add_argument("--field", type=int, help="field size in native pixels (median max(width, height) of "
+                                              "the training images), recorded as config `field`")
+    ap.add_argument("--lineage", help="comma-separated NAME=myeloid|erythroid, recorded as config `lineage`")
     ap.add_argument("--drop-unknown", action="store_true", help="drop (with a warning) tensors that are not part of the model")
     ap.add_argument("--no-verify", action="store_true", help="skip re-loading the output into torchvision")
     a = ap.parse_args(argv)
@@ -91,8 +124,18 @@ def main(argv=None):
     elif a.class_names_file:
         with open(a.class_names_file, encoding="utf-8") as f:
             names = [ln.strip() for ln in f if ln.strip()]
+    lineage = None
+    if a.lineage:
+        lineage = {}
+        for item in a.lineage.split(","):
+            k, sep, v = item.partition("=")
+            if not sep:
+                print(f"error: --lineage: {item!r} is not NAME=LINEAGE", file=sys.stderr)
+                return 2
+            lineage[k.strip()] = v.strip()
     try:
-        convert(a.input, a.output, a.half, names, a.eps, a.min_size, a.max_size, a.drop_unknown, not a.no_verify)
+        convert(a.input, a.output, a.half, names, a.eps, a.min_size, a.max_size, a.drop_unknown, not a.no_verify,
+                field=a.field, lineage=lineage)
     except (mm.MarrowError, OSError, RuntimeError, ValueError, KeyError) as e:
         print(f"error: {a.input}: {e}", file=sys.stderr)
         return 2

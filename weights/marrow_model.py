@@ -44,7 +44,14 @@ DEFAULT_CONFIG = {
     "rpn": {"pre_nms_top_n": 1000, "post_nms_top_n": 1000, "nms_thresh": 0.7, "score_thresh": 0.0, "min_size": 0.001},
     "box_head": {"score_thresh": 0.05, "nms_thresh": 0.5, "detections_per_img": 100, "min_size": 0.01},
     "refine": None,
+    # Optional (omitted from the JSON when None): the field size in native pixels the model was
+    # trained on (median of max(width, height) over the training images; used for tiling), and a
+    # class name -> "myeloid" | "erythroid" map.
+    "field": None,
+    "lineage": None,
 }
+OPTIONAL_KEYS = ("refine", "field", "lineage")
+LINEAGES = ("myeloid", "erythroid")
 
 # ResNet layer block counts, keyed by (bottleneck?, counts).
 RESNETS = {
@@ -69,7 +76,7 @@ def merge_config(partial: dict | None) -> dict:
     for k, v in (partial or {}).items():
         if k not in cfg:
             raise MarrowError(f"{CONFIG_KEY}: unknown field {k!r}")
-        if isinstance(cfg[k], dict) and k != "refine":
+        if isinstance(cfg[k], dict) and k not in OPTIONAL_KEYS:
             if not isinstance(v, dict):
                 raise MarrowError(f"{CONFIG_KEY}: field {k!r} must be an object")
             for kk, vv in v.items():
@@ -80,22 +87,47 @@ def merge_config(partial: dict | None) -> dict:
             cfg[k] = v
     if cfg["format_version"] > CONFIG_FORMAT_VERSION:
         raise MarrowError(f"{CONFIG_KEY}: format_version {cfg['format_version']} is newer than supported")
+    check_optional(cfg)
     return cfg
 
 
+def check_optional(cfg: dict, writing=False):
+    """Validate `field` (a positive integer) and `lineage` ({class name: string}; "myeloid" and
+    "erythroid" are the values marrow uses, others are allowed and ignored, as in config.rs). When
+    writing a config, lineage keys must also be class names (a typo would silently drop the ratio)."""
+    f = cfg.get("field")
+    if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f <= 0):
+        raise MarrowError(f"{CONFIG_KEY}: field must be a positive integer (pixels), got {f!r}")
+    lin = cfg.get("lineage")
+    if lin is not None:
+        if not isinstance(lin, dict):
+            raise MarrowError(f"{CONFIG_KEY}: lineage must be an object {{class name: lineage}}")
+        for k, v in lin.items():
+            if not isinstance(v, str):
+                raise MarrowError(f"{CONFIG_KEY}: lineage of {k!r} is {v!r}, expected a string "
+                                  f"({' or '.join(LINEAGES)})")
+            names = cfg.get("class_names")
+            if writing and names is not None and k not in names:
+                raise MarrowError(f"{CONFIG_KEY}: lineage names class {k!r}, which is not in class_names {names}")
+
+
 def config_json(cfg: dict) -> str:
-    """Serialise a config for the metadata (drops `refine` when None)."""
-    out = {k: v for k, v in cfg.items() if not (k == "refine" and v is None)}
+    """Serialise a config for the metadata (drops `refine`, `field` and `lineage` when None)."""
+    out = {k: v for k, v in cfg.items() if not (k in OPTIONAL_KEYS and v is None)}
     return json.dumps(out, separators=(",", ":"))
 
 
-def make_config(backbone=None, class_names=None, min_size=800, max_size=1333, eps=0.0) -> dict:
+def make_config(backbone=None, class_names=None, min_size=800, max_size=1333, eps=0.0, field=None,
+                lineage=None) -> dict:
     cfg = merge_config({})
     cfg["backbone"] = backbone
     cfg["class_names"] = list(class_names) if class_names is not None else None
     cfg["transform"]["min_size"] = int(min_size)
     cfg["transform"]["max_size"] = int(max_size)
     cfg["frozen_bn_eps"] = float(eps)
+    cfg["field"] = None if field is None else int(field)
+    cfg["lineage"] = None if lineage is None else dict(lineage)
+    check_optional(cfg, writing=True)
     return cfg
 
 
