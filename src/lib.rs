@@ -6,8 +6,10 @@
 //! against; [`model`] loads weights and runs the network; [`validate`] compares stages with a
 //! torchvision reference dump.
 
+pub mod count;
 pub mod cpu;
 pub mod error;
+pub mod eval;
 pub mod gpu;
 pub mod image_io;
 pub mod model;

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod cli;
+
 use marrow::gpu::{self, Gpu, GpuOptions};
 use marrow::model::weights::WeightStore;
 use marrow::model::Backbone;
@@ -53,6 +55,25 @@ enum Cmd {
         #[arg(long, default_value_t = 0.7)]
         count_threshold: f32,
     },
+    /// Count cells in images and folders: per-image and total counts, the differential with 95 %
+    /// intervals, and reports (JSON, CSV, COCO, GeoJSON, annotated images). Exit code 0 when every
+    /// image was counted, 1 when some failed, 2 on a usage or fatal error.
+    Count(cli::count::CountArgs),
+    /// Merge the JSON reports of `marrow count --shard i/n` runs into one report.
+    Merge {
+        /// Shard reports (marrow count --json).
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+        /// The merged JSON report.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// Also write the merged CSV.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// Merge even when some inputs are in no report (a shard failed).
+        #[arg(long)]
+        allow_partial: bool,
+    },
     /// Run transform + ResNet body + FPN on an image and print the feature pyramid and timing.
     Features {
         image: PathBuf,
@@ -95,6 +116,13 @@ fn open_gpu(cli: &Cli) -> marrow::Result<Gpu> {
 
 fn run(cli: Cli) -> marrow::Result<ExitCode> {
     match &cli.cmd {
+        Cmd::Count(a) => cli::count::run_count(a, || open_gpu(&cli)),
+        Cmd::Merge {
+            reports,
+            out,
+            csv,
+            allow_partial,
+        } => cli::count::run_merge(reports, out, csv.as_deref(), *allow_partial),
         Cmd::Info => {
             println!("marrow {}", env!("CARGO_PKG_VERSION"));
             println!("adapters:");

@@ -28,6 +28,14 @@ pub struct ModelConfig {
     pub box_head: BoxConfig,
     /// Refinement-head settings (design.md §6); absent when the file has no `refine.*` tensors.
     pub refine: Option<serde_json::Value>,
+    /// The size (in native pixels, the longer side) of the fields the model was trained on.
+    /// `marrow count --tile auto` cuts larger images into fields of this size; `None` = unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<u32>,
+    /// Optional lineage of each class, by class name: `"myeloid"` or `"erythroid"` (other values
+    /// are allowed and ignored). Used for the M:E ratio; absent = no ratio is reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,6 +78,8 @@ impl Default for ModelConfig {
             rpn: RpnConfig::default(),
             box_head: BoxConfig::default(),
             refine: None,
+            field: None,
+            lineage: None,
         }
     }
 }
@@ -147,6 +157,18 @@ impl ModelConfig {
         }
         if !self.frozen_bn_eps.is_finite() || self.frozen_bn_eps < 0.0 {
             return Err(format!("frozen_bn_eps {} must be ≥ 0", self.frozen_bn_eps));
+        }
+        if let Some(f) = self.field {
+            if !(32..=65536).contains(&f) {
+                return Err(format!("field {f} must be in 32..=65536 pixels"));
+            }
+        }
+        if let (Some(lineage), Some(names)) = (&self.lineage, &self.class_names) {
+            if let Some(unknown) = lineage.keys().find(|k| !names.contains(k)) {
+                return Err(format!(
+                    "lineage names class {unknown:?}, which is not in class_names {names:?}"
+                ));
+            }
         }
         if let Some(b) = &self.backbone {
             if !["resnet18", "resnet34", "resnet50", "resnet101"].contains(&b.as_str()) {

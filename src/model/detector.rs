@@ -96,7 +96,12 @@ pub struct Detector<'g> {
     mlp: Graph,
     box_mlp: BoxMlp,
     plans: HashMap<(usize, usize), SizePlan>,
+    /// Plan keys, least recently used first.
+    plan_use: Vec<(usize, usize)>,
 }
+
+/// Size plans kept at once; older ones are dropped (and rebuilt if that size comes back).
+pub const MAX_PLANS: usize = 3;
 
 impl<'g> Detector<'g> {
     pub fn new(gpu: &'g Gpu, weights: WeightStore) -> Result<Self> {
@@ -141,6 +146,7 @@ impl<'g> Detector<'g> {
             mlp,
             box_mlp,
             plans: HashMap::new(),
+            plan_use: Vec::new(),
         })
     }
 
@@ -155,11 +161,39 @@ impl<'g> Detector<'g> {
     }
 
     fn plan(&mut self, h: usize, w: usize) -> Result<&SizePlan> {
-        if !self.plans.contains_key(&(h, w)) {
-            let p = self.build_plan(h, w)?;
-            self.plans.insert((h, w), p);
+        let key = (h, w);
+        self.plan_use.retain(|k| *k != key);
+        self.plan_use.push(key);
+        if !self.plans.contains_key(&key) {
+            // A folder of fields of many sizes must not accumulate a plan (hundreds of MiB at
+            // 800×1088) per size: keep the most recently used few.
+            while self.plans.len() >= MAX_PLANS {
+                let Some(i) = self
+                    .plan_use
+                    .iter()
+                    .position(|k| self.plans.contains_key(k))
+                else {
+                    break;
+                };
+                let oldest = self.plan_use.remove(i);
+                self.plans.remove(&oldest);
+            }
+            match self.build_plan(h, w) {
+                Ok(p) => {
+                    self.plans.insert(key, p);
+                }
+                Err(e) => {
+                    self.plan_use.retain(|k| *k != key);
+                    return Err(e);
+                }
+            }
         }
-        Ok(&self.plans[&(h, w)])
+        Ok(&self.plans[&key])
+    }
+
+    /// Number of size plans currently held (at most [`MAX_PLANS`]).
+    pub fn plans_held(&self) -> usize {
+        self.plans.len()
     }
 
     fn build_plan(&self, h: usize, w: usize) -> Result<SizePlan> {
