@@ -339,31 +339,36 @@ fn absurd_dimensions_are_refused_before_decoding() {
 
 #[test]
 fn rgba_grey_and_16_bit_images_load_as_rgb() {
+    // marrow refuses images under 32 px a side, so each test pattern is tiled to 32×32.
+    let tile = |w: usize, px: &[u8]| -> Vec<u8> {
+        let bpp = px.len() / w;
+        (0..32 * 32).flat_map(|i| px[(i % w) * bpp..(i % w + 1) * bpp].to_vec()).collect()
+    };
+    let hw = 32 * 32;
     let rgba = png(
-        2,
-        1,
+        32,
+        32,
         image::ExtendedColorType::Rgba8,
-        &[255, 0, 51, 9, 0, 255, 102, 255],
+        &tile(2, &[255, 0, 51, 9, 0, 255, 102, 255]),
     );
     let img = marrow::image_io::load_rgb(&write_tmp("rgba.png", &rgba)).unwrap();
-    assert_eq!((img.h, img.w), (1, 2));
+    assert_eq!((img.h, img.w), (32, 32));
     // planar [3, H, W], alpha dropped, x / 255 in f32
-    assert_eq!(
-        img.data,
-        vec![1.0, 0.0, 0.0, 1.0, 51.0 / 255.0, 102.0 / 255.0]
-    );
-    let grey = png(1, 1, image::ExtendedColorType::L8, &[128]);
+    let px = |i: usize| [img.data[i], img.data[hw + i], img.data[2 * hw + i]];
+    assert_eq!(px(0), [1.0, 0.0, 51.0 / 255.0]);
+    assert_eq!(px(1), [0.0, 1.0, 102.0 / 255.0]);
+    let grey = png(32, 32, image::ExtendedColorType::L8, &tile(1, &[128]));
     let img = marrow::image_io::load_rgb(&write_tmp("grey.png", &grey)).unwrap();
-    assert_eq!(img.data, vec![128.0 / 255.0; 3]);
+    assert!(img.data.iter().all(|&v| v == 128.0 / 255.0));
     let g16 = png(
-        1,
-        1,
+        32,
+        32,
         image::ExtendedColorType::Rgb16,
-        &[0xff, 0xff, 0x00, 0x00, 0x80, 0x80],
+        &tile(1, &[0xff, 0xff, 0x00, 0x00, 0x80, 0x80]),
     );
     let img = marrow::image_io::load_rgb(&write_tmp("rgb16.png", &g16)).unwrap();
     assert_eq!(img.data[0], 1.0);
-    assert_eq!(img.data[1], 0.0);
+    assert_eq!(img.data[hw], 0.0);
 }
 
 #[test]
