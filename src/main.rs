@@ -59,6 +59,9 @@ enum Cmd {
     /// intervals, and reports (JSON, CSV, COCO, GeoJSON, annotated images). Exit code 0 when every
     /// image was counted, 1 when some failed, 2 on a usage or fatal error.
     Count(cli::count::CountArgs),
+    /// Evaluate the model on labelled images: COCO AP/AR (as pycocotools) and counting metrics.
+    /// Exit code 1 when some image failed (it is left out of the metrics).
+    Eval(cli::eval::EvalArgs),
     /// Merge the JSON reports of `marrow count --shard i/n` runs into one report.
     Merge {
         /// Shard reports (marrow count --json).
@@ -117,6 +120,7 @@ fn open_gpu(cli: &Cli) -> marrow::Result<Gpu> {
 fn run(cli: Cli) -> marrow::Result<ExitCode> {
     match &cli.cmd {
         Cmd::Count(a) => cli::count::run_count(a, || open_gpu(&cli)),
+        Cmd::Eval(a) => cli::eval::run_eval(a, || open_gpu(&cli)),
         Cmd::Merge {
             reports,
             out,
