@@ -65,6 +65,7 @@ pub struct CountArgs {
 /// Files are created (truncated) now and written at the end; folders are created if missing.
 fn prepare_outputs(a: &CountArgs) -> Result<()> {
     for f in [&a.json, &a.csv, &a.coco].into_iter().flatten() {
+        create_parent(f)?;
         File::create(f).map_err(|e| Error::Io {
             path: f.clone(),
             source: e,
@@ -84,6 +85,17 @@ fn prepare_outputs(a: &CountArgs) -> Result<()> {
         let _ = std::fs::remove_file(probe);
     }
     Ok(())
+}
+
+/// Creates the folder a named output file goes into (only that folder).
+pub fn create_parent(f: &Path) -> Result<()> {
+    match f.parent() {
+        Some(p) if !p.as_os_str().is_empty() => std::fs::create_dir_all(p).map_err(|e| Error::Io {
+            path: f.to_path_buf(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
 }
 
 pub fn run_count(a: &CountArgs, open_gpu: impl FnOnce() -> Result<Gpu>) -> Result<ExitCode> {
@@ -220,6 +232,7 @@ fn write_outputs(a: &CountArgs, rep: &Report) -> Result<()> {
 }
 
 pub fn write_json(path: &Path, rep: &Report) -> Result<()> {
+    create_parent(path)?;
     let text = serde_json::to_string_pretty(rep).map_err(|e| {
         Error::Invalid(format!(
             "{}: cannot serialise the report: {e}",

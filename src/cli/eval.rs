@@ -133,6 +133,7 @@ pub fn run_eval(a: &EvalArgs, open_gpu: impl FnOnce() -> Result<Gpu>) -> Result<
         return Err(Error::Invalid("no images found in the inputs".into()));
     }
     if let Some(j) = &a.json {
+        super::count::create_parent(j)?;
         std::fs::File::create(j).map_err(|e| Error::Io {
             path: j.clone(),
             source: e,
