@@ -12,6 +12,7 @@ use marrow::count::{CountOptions, Counter, Model, Tiling};
 use marrow::validate::matching::{self, Det};
 use marrow::validate::set_tol;
 
+#[cfg(feature = "builtin-model")]
 const FIXTURE: &str = "tests/fixtures/default_model_torchvision.json";
 
 /// Set-matches marrow's detections with torchvision's for every image of a fixture and requires
