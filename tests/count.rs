@@ -461,3 +461,52 @@ fn count_cli_usage_errors_exit_2_naming_the_problem() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("nowhere"));
 }
+
+/// The bad-input corpus as one batch: every file that decodes is counted, every other one is
+/// reported with an error naming it, and the run goes on to the end (exit code 1).
+#[test]
+fn a_batch_of_bad_inputs_counts_everything_else() {
+    let dir = tmp_dir("corpus");
+    let json = dir.join("report.json");
+    let corpus = Path::new("tests/bad_inputs/images");
+    let o = marrow_cmd()
+        .args([
+            "count",
+            "--weights",
+            SEEDED,
+            "--quiet",
+            "--tile",
+            "off",
+            "--json",
+        ])
+        .arg(&json)
+        .arg(corpus)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let rep = Report::read(&json).unwrap();
+    let files = marrow::count::batch::collect_inputs(&[corpus.to_path_buf()]).unwrap();
+    assert_eq!(rep.images.len(), files.len());
+    let (mut good, mut bad) = (0, 0);
+    for (e, f) in rep.images.iter().zip(&files) {
+        assert_eq!(e.file(), f.display().to_string());
+        match (marrow::image_io::load_rgb8(f), e) {
+            (Ok(img), ImageEntry::Counted(c)) => {
+                assert_eq!((c.width, c.height), (img.width, img.height));
+                good += 1;
+            }
+            (Err(_), ImageEntry::Failed { error, .. }) => {
+                let name = f.file_name().unwrap().to_string_lossy();
+                assert!(error.contains(name.as_ref()), "{error}");
+                bad += 1;
+            }
+            (d, e) => panic!("{}: decode {:?} but report {e:?}", f.display(), d.err()),
+        }
+    }
+    assert!(good >= 5 && bad >= 10, "{good} good, {bad} bad");
+}
