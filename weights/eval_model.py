@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Evaluate a marrow safetensors model through torchvision on a YOLO-format split, as deployed:
+one image at a time (no batch padding), PIL-decoded pixels, the model's own config.
+
+    python3 weights/eval_model.py --weights W.safetensors --data DATASET_ROOT [--split val]
+        [--threshold 0.7] [--out metrics.json] [--limit N]
+
+Reports pycocotools COCOeval (bbox) AP, AP50, AP75, AR100, per-class AP / AP50, and counting
+metrics at the threshold: per-class mean absolute count error and the share of images whose
+count is exact. The model-card numbers and the f16-vs-f32 comparison come from here; `marrow
+eval` computes the same metrics with the engine (docs/evaluation.md).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import marrow_model as mm  # noqa: E402
+import train  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", required=True)
+    ap.add_argument("--data", required=True, help="YOLO root: images/<split>, labels/<split>, classes.txt")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--threshold", type=float, default=0.7)
+    ap.add_argument("--out")
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    torch.set_num_threads(a.threads)
+    model, cfg, arch, _ = mm.load_marrow(a.weights)
+    model.eval()
+    names = cfg["class_names"][1:]
+    k = len(names)
+    split = train.load_yolo(a.data, a.split, k + 1)
+    gt = train.coco_gt(split, k + 1, names)
+    n = len(split) if a.limit is None else min(a.limit, len(split))
+    t0 = time.time()
+    dets, counts_det, counts_gt = [], np.zeros((n, k), int), np.zeros((n, k), int)
+    with torch.inference_mode():
+        for i in range(n):
+            o = model([train.to_tensor(split.image(i))])[0]
+            for b, s, l in zip(o["boxes"].tolist(), o["scores"].tolist(), o["labels"].tolist()):
+                dets.append({"image_id": i, "category_id": int(l),
+                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)})
+                if s >= a.threshold:
+                    counts_det[i, int(l) - 1] += 1
+            for l in split.labels[i].tolist():
+                counts_gt[i, int(l) - 1] += 1
+    secs = time.time() - t0
+    with contextlib.redirect_stdout(io.StringIO()):
+        g = COCO()
+        g.dataset = {**gt, "images": gt["images"][:n], "annotations": [x for x in gt["annotations"] if x["image_id"] < n]}
+        g.createIndex()
+        E = COCOeval(g, g.loadRes(dets), "bbox")
+        E.params.imgIds = list(range(n))
+        E.evaluate()
+        E.accumulate()
+        E.summarize()
+    st = [float(x) for x in E.stats]
+    prec = E.eval["precision"]
+    per_class = {}
+    for j, nm in enumerate(names):
+        p50, pall = prec[0, :, j, 0, 2], prec[:, :, j, 0, 2]
+        err = np.abs(counts_det[:, j] - counts_gt[:, j])
+        per_class[nm] = {
+            "AP": float(pall[pall > -1].mean()) if (pall > -1).any() else -1.0,
+            "AP50": float(p50[p50 > -1].mean()) if (p50 > -1).any() else -1.0,
+            "count_mae": float(err.mean()), "count_exact": float((err == 0).mean()),
+            "gt": int(counts_gt[:, j].sum()), "counted": int(counts_det[:, j].sum()),
+        }
+    res = {"weights": os.path.basename(a.weights), "split": a.split, "images": n, "threshold": a.threshold,
+           "AP": st[0], "AP50": st[1], "AP75": st[2], "APs": st[3], "APm": st[4], "APl": st[5],
+           "AR1": st[6], "AR10": st[7], "AR100": st[8],
+           "mAP50_classes": float(np.mean([per_class[nm]["AP50"] for nm in names])),
+           "per_class": per_class, "seconds": secs, "torch": torch.__version__}
+    print(json.dumps(res, indent=1))
+    if a.out:
+        with open(a.out, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
