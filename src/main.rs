@@ -46,8 +46,9 @@ enum Cmd {
     /// above the counting threshold.
     Detect {
         image: PathBuf,
+        /// marrow safetensors model; default: MARROW_WEIGHTS, else the built-in model.
         #[arg(long)]
-        weights: PathBuf,
+        weights: Option<PathBuf>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -80,8 +81,9 @@ enum Cmd {
     /// Run transform + ResNet body + FPN on an image and print the feature pyramid and timing.
     Features {
         image: PathBuf,
+        /// marrow safetensors model; default: MARROW_WEIGHTS, else the built-in model.
         #[arg(long)]
-        weights: PathBuf,
+        weights: Option<PathBuf>,
     },
 }
 
@@ -216,7 +218,9 @@ fn run(cli: Cli) -> marrow::Result<ExitCode> {
                     "--count-threshold {count_threshold} must be in [0, 1]"
                 )));
             }
-            let ws = WeightStore::open(weights)?;
+            let model = marrow::count::Model::resolve(weights.as_deref())?;
+            let model_name = model.info.file.clone();
+            let ws = model.weights;
             let img = marrow::image_io::load_rgb(image)?;
             let g = open_gpu(&cli)?;
             let hash = ws.hash;
@@ -248,7 +252,7 @@ fn run(cli: Cli) -> marrow::Result<ExitCode> {
                     "notice": "For research use only. Not for diagnostic use.",
                     "image": image.display().to_string(),
                     "image_size": [img.h, img.w],
-                    "weights": weights.display().to_string(),
+                    "weights": model_name,
                     "weights_hash": format!("{hash:016x}"),
                     "adapter": g.report.name,
                     "count_threshold": count_threshold,
@@ -269,7 +273,7 @@ fn run(cli: Cli) -> marrow::Result<ExitCode> {
                     image.display(),
                     img.h,
                     img.w,
-                    weights.display()
+                    model_name
                 );
                 println!(
                     "{:>4}  {:<16} {:>7}  box (x1, y1, x2, y2)",
@@ -295,7 +299,7 @@ fn run(cli: Cli) -> marrow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Features { image, weights } => {
-            let ws = WeightStore::open(weights)?;
+            let ws = marrow::count::Model::resolve(weights.as_deref())?.weights;
             let img = marrow::image_io::load_rgb(image)?;
             let g = open_gpu(&cli)?;
             let mut engine = Backbone::new(&g, ws)?;

@@ -342,7 +342,9 @@ fn rgba_grey_and_16_bit_images_load_as_rgb() {
     // marrow refuses images under 32 px a side, so each test pattern is tiled to 32×32.
     let tile = |w: usize, px: &[u8]| -> Vec<u8> {
         let bpp = px.len() / w;
-        (0..32 * 32).flat_map(|i| px[(i % w) * bpp..(i % w + 1) * bpp].to_vec()).collect()
+        (0..32 * 32)
+            .flat_map(|i| px[(i % w) * bpp..(i % w + 1) * bpp].to_vec())
+            .collect()
     };
     let hw = 32 * 32;
     let rgba = png(
