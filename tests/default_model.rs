@@ -123,3 +123,139 @@ fn builtin_model_tests_need_the_feature() {
     assert!(Model::builtin().is_none());
     eprintln!("built without the builtin-model feature: default-model parity not run");
 }
+
+/// YOLO labels of an example field as [x1, y1, x2, y2] boxes with model labels (k + 1).
+fn yolo_boxes(stem: &str, w: f32, h: f32) -> Vec<([f32; 4], usize)> {
+    std::fs::read_to_string(format!("examples/txl-pbc/labels/{stem}.txt"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: Vec<f32> = l.split_whitespace().map(|x| x.parse().unwrap()).collect();
+            let (cx, cy, bw, bh) = (v[1] * w, v[2] * h, v[3] * w, v[4] * h);
+            (
+                [cx - bw / 2.0, cy - bh / 2.0, cx + bw / 2.0, cy + bh / 2.0],
+                v[0] as usize + 1,
+            )
+        })
+        .collect()
+}
+
+fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
+    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let i = iw * ih;
+    i / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - i)
+}
+
+/// A 2×2 mosaic (1280×960) of the two 640×480 example fields, counted with the model's automatic
+/// tiling: no cell is counted twice (no two counted detections of one class overlap at IoU >
+/// 0.5), and the labelled cells found are as many as when each field is counted on its own
+/// (allowing 10 % for the different context at the fields' cut edges). Returns (labelled cells,
+/// found tiled, found per field, fields cut).
+pub fn mosaic_check(model: Model) -> (usize, usize, usize, usize) {
+    use marrow::image_io::Rgb8;
+    let stems = [
+        "0d68a14ca3c355d8a679353b2a0a656d",
+        "4156c90548ee503e98cb2bf947312eff",
+    ];
+    let fields: Vec<Rgb8> = stems
+        .iter()
+        .map(|s| {
+            marrow::image_io::load_rgb8(Path::new(&format!("examples/txl-pbc/images/{s}.png")))
+                .unwrap()
+        })
+        .collect();
+    let (fw, fh) = (fields[0].width, fields[0].height);
+    assert_eq!((fw, fh), (640, 480));
+    let (w, h) = (2 * fw, 2 * fh);
+    let mut data = vec![0u8; (w * h * 3) as usize];
+    let layout = [(0, 0, 0), (1, 1, 0), (1, 0, 1), (0, 1, 1)]; // (field, col, row)
+    let mut gt: Vec<([f32; 4], usize)> = Vec::new();
+    for &(f, col, row) in &layout {
+        let (x0, y0) = (col * fw, row * fh);
+        for y in 0..fh {
+            let src = (y * fw * 3) as usize;
+            let dst = (((y0 + y) * w + x0) * 3) as usize;
+            data[dst..dst + (fw * 3) as usize]
+                .copy_from_slice(&fields[f].data[src..src + (fw * 3) as usize]);
+        }
+        for (b, l) in yolo_boxes(stems[f], fw as f32, fh as f32) {
+            let (dx, dy) = (x0 as f32, y0 as f32);
+            gt.push(([b[0] + dx, b[1] + dy, b[2] + dx, b[3] + dy], l));
+        }
+    }
+    let mosaic = Rgb8 {
+        width: w,
+        height: h,
+        data,
+    };
+    let mut counter = Counter::new(common::gpu(), model, CountOptions::default()).unwrap();
+    let tiled = counter.count("mosaic", &mosaic).unwrap();
+    let cut = tiled
+        .tiles
+        .as_ref()
+        .expect("auto tiling cuts a 1280×960 mosaic")
+        .fields;
+    let counted: Vec<&marrow::count::Cell> =
+        tiled.detections.iter().filter(|c| c.counted).collect();
+    for (i, a) in counted.iter().enumerate() {
+        for b in &counted[i + 1..] {
+            assert!(
+                a.label != b.label || iou(&a.bbox, &b.bbox) <= 0.5,
+                "a cell counted twice: {a:?} and {b:?}"
+            );
+        }
+    }
+    let found = |dets: &[([f32; 4], usize)]| {
+        gt.iter()
+            .filter(|(g, l)| dets.iter().any(|(d, dl)| dl == l && iou(g, d) >= 0.5))
+            .count()
+    };
+    let tiled_dets: Vec<_> = counted.iter().map(|c| (c.bbox, c.label)).collect();
+    let mut whole_dets = Vec::new();
+    counter.opts.tiling = Tiling::Off;
+    for &(f, col, row) in &layout {
+        let c = counter.count(stems[f], &fields[f]).unwrap();
+        let (dx, dy) = ((col * fw) as f32, (row * fh) as f32);
+        for d in c.detections.iter().filter(|d| d.counted) {
+            whole_dets.push((
+                [
+                    d.bbox[0] + dx,
+                    d.bbox[1] + dy,
+                    d.bbox[2] + dx,
+                    d.bbox[3] + dy,
+                ],
+                d.label,
+            ));
+        }
+    }
+    let (ft, fwhole) = (found(&tiled_dets), found(&whole_dets));
+    assert!(
+        ft as f64 >= 0.9 * fwhole as f64,
+        "tiled found {ft} of {} labelled cells, per field {fwhole}",
+        gt.len()
+    );
+    (gt.len(), ft, fwhole, cut)
+}
+
+#[cfg(feature = "builtin-model")]
+#[test]
+fn builtin_model_counts_each_cell_of_a_tiled_mosaic_once() {
+    let r = mosaic_check(Model::builtin().expect("built with the model").unwrap());
+    eprintln!(
+        "mosaic: {} labelled, found tiled {}, per field {}, {} fields",
+        r.0, r.1, r.2, r.3
+    );
+}
+
+#[test]
+#[ignore]
+fn any_model_counts_each_cell_of_a_tiled_mosaic_once() {
+    let w = std::env::var("MARROW_PARITY_WEIGHTS").expect("MARROW_PARITY_WEIGHTS");
+    let r = mosaic_check(Model::open(Path::new(&w)).unwrap());
+    eprintln!(
+        "mosaic: {} labelled, found tiled {}, per field {}, {} fields",
+        r.0, r.1, r.2, r.3
+    );
+}
