@@ -491,7 +491,7 @@ fn legend_rows(
             if let Some(n) = counts.get_mut(d.label - 1) {
                 *n += 1;
             }
-        } else {
+        } else if is_near(d, threshold) {
             below += 1;
         }
     }
@@ -526,6 +526,7 @@ fn legend_rows(
         colour: TEXT,
         rule: true,
     });
+    let near = fmt_threshold(NEAR_FRACTION * threshold);
     let threshold = fmt_threshold(threshold);
     rows.push(Row::text(
         Sample::SolidLine,
@@ -535,7 +536,7 @@ fn legend_rows(
     ));
     rows.push(Row::text(
         Sample::DashedLine,
-        format!("Below threshold: {below}"),
+        format!("Below, ≥ {near}: {below}"),
         TEXT,
         false,
     ));
@@ -555,6 +556,15 @@ fn legend_rows(
 }
 
 /// The counting rule of [`super::image_count`].
+/// Uncounted detections are drawn (dashed) only from this fraction of the counting threshold up:
+/// a reviewer wants the near misses, not the detector's long tail of low scores down to 0.05,
+/// which buries the image. Every detection is still in the JSON and COCO outputs.
+pub const NEAR_FRACTION: f32 = 0.5;
+
+fn is_near(d: &super::Cell, threshold: f32) -> bool {
+    d.score >= NEAR_FRACTION * threshold
+}
+
 fn is_counted(d: &super::Cell, threshold: f32) -> bool {
     d.score >= threshold && d.label >= 1
 }
@@ -588,7 +598,7 @@ pub fn annotate(image: &Rgb8, result: &ImageCount, model: &ModelInfo, threshold:
         };
         if counted(d) {
             solid_box(&mut cv, bx, st.thick, class_colour(d.label), 1.0);
-        } else {
+        } else if is_near(d, threshold) {
             dashed_box(&mut cv, bx, st.thin, class_colour(d.label), UNCOUNTED_ALPHA);
         }
     }
