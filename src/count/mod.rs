@@ -99,6 +99,18 @@ impl Model {
                     .into(),
             })?;
         let cfg = &weights.config;
+        if let Some(names) = &cfg.class_names {
+            if names.len() != num_classes {
+                return Err(Error::Weights {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "the config names {} classes (background included) but \
+                         roi_heads.box_predictor.cls_score.weight has {num_classes}",
+                        names.len()
+                    ),
+                });
+            }
+        }
         let classes: Vec<String> = (1..num_classes)
             .map(|c| {
                 cfg.class_names
