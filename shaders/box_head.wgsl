@@ -87,7 +87,7 @@ fn decode_classes(@builtin(global_invocation_id) gid: vec3<u32>) {
 @group(0) @binding(6) var<storage, read_write> cand_labels: array<u32>;
 @group(0) @binding(7) var<storage, read_write> cand_count: array<u32>;
 
-var<workgroup> scan: array<u32, 256>;
+#include "scan.wgsl"
 
 @compute @workgroup_size(256, 1, 1)
 fn compact(@builtin(local_invocation_index) t: u32) {
@@ -110,26 +110,15 @@ fn compact(@builtin(local_invocation_index) t: u32) {
                 keep = 1u;
             }
         }
-        // Inclusive Hillis-Steele scan of the keep flags.
-        scan[t] = keep;
-        workgroupBarrier();
-        for (var off = 1u; off < 256u; off <<= 1u) {
-            var v = 0u;
-            if (t >= off) {
-                v = scan[t - off];
-            }
-            workgroupBarrier();
-            scan[t] += v;
-            workgroupBarrier();
-        }
+        // Inclusive prefix sum of the keep flags (and their total).
+        let sums = workgroup_scan_256(t, keep);
         if (keep == 1u) {
-            let o = base + scan[t] - 1u;
+            let o = base + sums.x - 1u;
             cand_boxes[o] = b;
             cand_scores[o] = s;
             cand_labels[o] = label;
         }
-        base += scan[255];
-        workgroupBarrier();
+        base += sums.y;
     }
     if (t == 0u) {
         cand_count[0] = base;

@@ -54,22 +54,9 @@ fn opaque(x: f32) -> f32 {
     return bitcast<f32>(bitcast<u32>(x) ^ p.zero);
 }
 
-// torch's descending order as an unsigned key: NaN above +inf (torch sorts NaN as largest),
-// -0 == +0, otherwise monotone in the float value.
-fn score_key(s: f32) -> u32 {
-    let b = bitcast<u32>(s);
-    let mag = b & 0x7fffffffu;
-    if (mag > 0x7f800000u) {
-        return 0xffffffffu;
-    }
-    if (mag == 0u) {
-        return 0x80000000u;
-    }
-    if ((b & 0x80000000u) != 0u) {
-        return ~b;
-    }
-    return b | 0x80000000u;
-}
+// sort_key: torch's descending order as an unsigned key: NaN above +inf (torch sorts NaN as
+// largest), -0 == +0, otherwise monotone in the float value.
+#include "sort_key.wgsl"
 
 // std::max / std::min as the CPU kernel calls them (a NaN second operand is dropped).
 fn std_max(a: f32, b: f32) -> f32 {
@@ -190,12 +177,12 @@ fn rank(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     let live = i < n;
     var ki = 0u;
     if (live) {
-        ki = score_key(scores[i]);
+        ki = sort_key(scores[i]);
     }
     var r = 0u;
     for (var t0 = 0u; t0 < n; t0 += 256u) {
         if (t0 + lid < n) {
-            tile[lid] = score_key(scores[t0 + lid]);
+            tile[lid] = sort_key(scores[t0 + lid]);
         }
         workgroupBarrier();
         let m = min(256u, n - t0);

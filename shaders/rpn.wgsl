@@ -115,7 +115,7 @@ struct FilterParams {
 @group(0) @binding(5) var<storage, read_write> levels: array<u32>;
 @group(0) @binding(6) var<storage, read_write> count: array<u32>;
 
-var<workgroup> scan: array<u32, 256>;
+#include "scan.wgsl"
 
 // torch.clamp(min=0, max=hi) that lets NaN through.
 fn clamp_keep_nan(v: f32, hi: f32) -> f32 {
@@ -163,18 +163,8 @@ fn rpn_filter(@builtin(local_invocation_index) t: u32) {
             n += 1u;
         }
     }
-    scan[t] = n;
-    workgroupBarrier();
-    for (var off = 1u; off < WG; off = off << 1u) {
-        var v = 0u;
-        if (t >= off) {
-            v = scan[t - off];
-        }
-        workgroupBarrier();
-        scan[t] += v;
-        workgroupBarrier();
-    }
-    var w = scan[t] - n;
+    let sums = workgroup_scan_256(t, n);
+    var w = sums.x - n;
     for (var s = start; s < end; s++) {
         let b = clipped(s);
         let sc = raw_scores[s];
@@ -186,7 +176,7 @@ fn rpn_filter(@builtin(local_invocation_index) t: u32) {
         }
     }
     if (t == WG - 1u) {
-        count[0] = scan[t];
+        count[0] = sums.y;
     }
 }
 #endif

@@ -35,21 +35,9 @@ struct TopkParams {
     out: array<vec4<u32>, 8>,
 }
 
-// Larger f32 → larger u32. NaN ranks above +inf (torch.topk treats NaN as the largest) and -0
-// equals +0 (their tie is then broken by index, as for any equal values).
-fn order_key(x: f32) -> u32 {
-    var b = bitcast<u32>(x);
-    if ((b & 0x7fffffffu) > 0x7f800000u) {
-        return 0xffffffffu;
-    }
-    if (b == 0x80000000u) {
-        b = 0u;
-    }
-    if ((b & 0x80000000u) != 0u) {
-        return ~b;
-    }
-    return b | 0x80000000u;
-}
+// sort_key: larger f32 → larger u32, NaN above +inf (torch.topk treats NaN as the largest), -0
+// equal to +0 (their tie is then broken by index, as for any equal values).
+#include "sort_key.wgsl"
 
 fn lo_of(index: u32) -> u32 {
     return 0xffffffu - index;
@@ -109,7 +97,7 @@ fn topk_keys(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     if (i >= kp.n) {
         return;
     }
-    keys[kp.offset + i] = order_key(values[i]);
+    keys[kp.offset + i] = sort_key(values[i]);
 }
 #endif
 
@@ -183,7 +171,8 @@ fn topk_hist(
 @group(0) @binding(1) var<storage, read> hist: array<u32>;
 @group(0) @binding(2) var<storage, read_write> state: array<u32>;
 
-var<workgroup> scan: array<u32, 256>;
+#include "scan.wgsl"
+
 var<workgroup> wg_state: vec4<u32>;
 
 // One workgroup per segment: the digit whose bin holds the k_remaining-th largest element.
@@ -203,18 +192,7 @@ fn topk_select(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     // Invocation t holds bin 255 - t, so an inclusive prefix sum counts the bins >= that bin.
     let bin = 255u - t;
     let c = hist[(tp.pass_ * MAX_SEG + s) * 256u + bin];
-    scan[t] = c;
-    workgroupBarrier();
-    for (var off = 1u; off < WG; off = off << 1u) {
-        var v = 0u;
-        if (t >= off) {
-            v = scan[t - off];
-        }
-        workgroupBarrier();
-        scan[t] += v;
-        workgroupBarrier();
-    }
-    let incl = scan[t];
+    let incl = workgroup_scan_256(t, c).x;
     let above = incl - c;
     let k = st.z;
     // Exactly one non-empty bin satisfies this (k <= elements matching the prefix).

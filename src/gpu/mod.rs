@@ -14,6 +14,8 @@ pub use wgpu::Buffer;
 
 mod tensor;
 pub use tensor::{Nhwc, Tensor};
+pub mod wgsl;
+use wgsl::preprocess;
 
 /// How to choose the adapter.
 #[derive(Debug, Clone, Default)]
@@ -619,51 +621,6 @@ impl Gpu {
             &parts.pop().unwrap_or_default(),
         ))
     }
-}
-
-/// A minimal line preprocessor: `#if NAME`, `#if !NAME`, `#else`, `#endif` (nestable), where NAME
-/// is a `Bool` const of the variant. WGSL has no conditional compilation, and a binding that a
-/// variant does not use must not be declared (auto layouts drop it, and binding it is an error).
-fn preprocess(source: &str, consts: &[(&str, ConstVal)]) -> std::result::Result<String, String> {
-    let flag = |name: &str| -> std::result::Result<bool, String> {
-        let (neg, name) = match name.strip_prefix('!') {
-            Some(n) => (true, n.trim()),
-            None => (false, name),
-        };
-        match consts.iter().find(|(k, _)| *k == name) {
-            Some((_, ConstVal::Bool(b))) => Ok(*b != neg),
-            Some(_) => Err(format!("#if {name}: not a bool const")),
-            None => Err(format!("#if {name}: const not given for this variant")),
-        }
-    };
-    let mut out = String::with_capacity(source.len());
-    // Stack of (this branch active, any enclosing inactive).
-    let mut stack: Vec<(bool, bool)> = Vec::new();
-    for (lineno, line) in source.lines().enumerate() {
-        let t = line.trim_start();
-        let active = stack.iter().all(|(a, _)| *a);
-        if let Some(rest) = t.strip_prefix("#if ") {
-            let v = if active { flag(rest.trim())? } else { false };
-            stack.push((v, !active));
-        } else if t.starts_with("#else") {
-            let top = stack
-                .last_mut()
-                .ok_or(format!("line {}: #else without #if", lineno + 1))?;
-            top.0 = !top.0 && !top.1;
-        } else if t.starts_with("#endif") {
-            stack
-                .pop()
-                .ok_or(format!("line {}: #endif without #if", lineno + 1))?;
-        } else if active {
-            out.push_str(line);
-        }
-        // Keep line numbers of compile errors aligned with the .wgsl file.
-        out.push('\n');
-    }
-    if !stack.is_empty() {
-        return Err("unterminated #if".into());
-    }
-    Ok(out)
 }
 
 /// A value for a WGSL `const` declaration in a kernel variant.
