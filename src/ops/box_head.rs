@@ -5,28 +5,95 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{ConstVal, Dispatch, Gpu, Kernel};
+use crate::ops::contract::{params_struct, Binding, HostStruct, KernelIo, KernelVariant, Uniform};
 use crate::ops::conv::{Conv2d, Residual};
 
-pub const KERNEL_DECODE: Kernel = Kernel {
-    name: "box_head.decode_classes",
-    source: include_str!("../../shaders/box_head.wgsl"),
-    entry: "decode_classes",
+const SOURCE: &str = include_str!("../../shaders/box_head.wgsl");
+
+const fn kernel(name: &'static str, entry: &'static str) -> Kernel {
+    Kernel {
+        name,
+        source: SOURCE,
+        entry,
+    }
+}
+
+pub const KERNEL_DECODE: KernelIo = KernelIo {
+    kernel: kernel("box_head.decode_classes", "decode_classes"),
+    params: Some(Params::LAYOUT),
+    storage: &[
+        Binding::read("logits"),
+        Binding::read("deltas"),
+        Binding::read("proposals"),
+        Binding::read("proposal_count"),
+        Binding::read_write("cls_scores"),
+        Binding::read_write("cls_boxes"),
+    ],
 };
-pub const KERNEL_COMPACT: Kernel = Kernel {
-    name: "box_head.compact",
-    source: include_str!("../../shaders/box_head.wgsl"),
-    entry: "compact",
+pub const KERNEL_COMPACT: KernelIo = KernelIo {
+    kernel: kernel("box_head.compact", "compact"),
+    params: None,
+    storage: &[
+        Binding::read("cls_scores"),
+        Binding::read("cls_boxes"),
+        Binding::read("proposal_count"),
+        Binding::read_write("cand_boxes"),
+        Binding::read_write("cand_scores"),
+        Binding::read_write("cand_labels"),
+        Binding::read_write("cand_count"),
+    ],
 };
-pub const KERNEL_GATHER: Kernel = Kernel {
-    name: "box_head.gather_rows",
-    source: include_str!("../../shaders/box_head.wgsl"),
-    entry: "gather_rows",
+pub const KERNEL_GATHER: KernelIo = KernelIo {
+    kernel: kernel("box_head.gather_rows", "gather_rows"),
+    params: None,
+    storage: &[
+        Binding::read("src_boxes"),
+        Binding::read("src_scores"),
+        Binding::read("keep"),
+        Binding::read("keep_count"),
+        Binding::read_write("out_boxes"),
+        Binding::read_write("out_scores"),
+        Binding::read_write("out_count"),
+    ],
 };
-pub const KERNEL_FINALIZE: Kernel = Kernel {
-    name: "box_head.finalize",
-    source: include_str!("../../shaders/box_head.wgsl"),
-    entry: "finalize",
+pub const KERNEL_FINALIZE: KernelIo = KernelIo {
+    kernel: kernel("box_head.finalize", "finalize"),
+    params: Some(Params::LAYOUT),
+    storage: &[
+        Binding::read("cand_boxes"),
+        Binding::read("cand_scores"),
+        Binding::read("cand_labels"),
+        Binding::read("keep"),
+        Binding::read("keep_count"),
+        Binding::read_write("dets"),
+        Binding::read_write("det_count"),
+    ],
 };
+
+/// The variants the box head compiles: decode, compact and finalize for the class counts of the
+/// known models (COCO's 91, the paper's 8, the 4 of the TXL-PBC and fixture models, and the
+/// smallest, 2) with torchvision's default thresholds and 100 detections, and the RPN's row
+/// gather (1000 rows, the default `post_nms_top_n`).
+pub fn variants() -> Vec<KernelVariant> {
+    let mut out = Vec::new();
+    for num_classes in [2, 4, 8, 91] {
+        let op = BoxPostprocess {
+            num_classes,
+            capacity: 1000,
+            score_thresh: 0.05,
+            min_size: 1e-2,
+            max_det: 100,
+        };
+        out.push(KernelVariant::new(KERNEL_DECODE, op.consts("decode")));
+        out.push(KernelVariant::new(KERNEL_COMPACT, op.consts("compact")));
+        out.push(KernelVariant::new(KERNEL_FINALIZE, op.consts("finalize")));
+    }
+    out.push(KernelVariant::new(
+        KERNEL_GATHER,
+        GatherRows { max_rows: 1000 }.consts(),
+    ));
+    out
+}
 
 /// A fully connected layer `y = x Wᵀ + b` as a 1×1 convolution over rows: x is [1, 1, rows, in].
 pub fn linear(inputs: usize, outputs: usize, relu: bool) -> Conv2d {
@@ -63,15 +130,17 @@ pub struct BoxBuffers {
     pub cand_count: wgpu::Buffer,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    capacity: u32,
-    img_h: f32,
-    img_w: f32,
-    ratio_h: f32,
-    ratio_w: f32,
-    pad: [u32; 3],
+params_struct! {
+    struct Params {
+        capacity: u32,
+        img_h: f32,
+        img_w: f32,
+        ratio_h: f32,
+        ratio_w: f32,
+        pad0: u32,
+        pad1: u32,
+        pad2: u32,
+    }
 }
 
 impl BoxPostprocess {
@@ -112,8 +181,9 @@ impl BoxPostprocess {
         })
     }
 
-    fn params(&self, gpu: &Gpu, resized: (usize, usize), orig: (usize, usize)) -> wgpu::Buffer {
-        gpu.uniform(
+    fn params(&self, gpu: &Gpu, resized: (usize, usize), orig: (usize, usize)) -> Uniform<Params> {
+        Uniform::new(
+            gpu,
             "box_head params",
             &Params {
                 capacity: self.capacity as u32,
@@ -122,7 +192,9 @@ impl BoxPostprocess {
                 // transform.resize_boxes: f32 ratio original / resized.
                 ratio_h: orig.0 as f32 / resized.0 as f32,
                 ratio_w: orig.1 as f32 / resized.1 as f32,
-                pad: [0; 3],
+                pad0: 0,
+                pad1: 0,
+                pad2: 0,
             },
         )
     }
@@ -154,20 +226,24 @@ impl BoxPostprocess {
             ));
         }
         let params = self.params(gpu, resized, resized);
-        let decode = gpu.pipeline(&KERNEL_DECODE, &self.consts("decode"))?;
-        let compact = gpu.pipeline(&KERNEL_COMPACT, &self.consts("compact"))?;
+        let decode_consts = self.consts("decode");
+        let compact_consts = self.consts("compact");
+        let decode = KERNEL_DECODE.pipeline(gpu, &decode_consts)?;
+        let compact = KERNEL_COMPACT.pipeline(gpu, &compact_consts)?;
         Ok(vec![
-            gpu.dispatch(
+            KERNEL_DECODE.dispatch(
+                gpu,
                 "box_head.decode_classes",
                 &decode,
-                Some(&params),
+                &decode_consts,
+                &params,
                 &[
-                    logits,
-                    deltas,
-                    proposals,
-                    proposal_count,
-                    &bufs.cls_scores,
-                    &bufs.cls_boxes,
+                    ("logits", logits),
+                    ("deltas", deltas),
+                    ("proposals", proposals),
+                    ("proposal_count", proposal_count),
+                    ("cls_scores", &bufs.cls_scores),
+                    ("cls_boxes", &bufs.cls_boxes),
                 ],
                 [
                     self.num_classes.div_ceil(64) as u32,
@@ -175,18 +251,19 @@ impl BoxPostprocess {
                     1,
                 ],
             )?,
-            gpu.dispatch(
+            KERNEL_COMPACT.dispatch_without_params(
+                gpu,
                 "box_head.compact",
                 &compact,
-                None,
+                &compact_consts,
                 &[
-                    &bufs.cls_scores,
-                    &bufs.cls_boxes,
-                    proposal_count,
-                    &bufs.cand_boxes,
-                    &bufs.cand_scores,
-                    &bufs.cand_labels,
-                    &bufs.cand_count,
+                    ("cls_scores", &bufs.cls_scores),
+                    ("cls_boxes", &bufs.cls_boxes),
+                    ("proposal_count", proposal_count),
+                    ("cand_boxes", &bufs.cand_boxes),
+                    ("cand_scores", &bufs.cand_scores),
+                    ("cand_labels", &bufs.cand_labels),
+                    ("cand_count", &bufs.cand_count),
                 ],
                 [1, 1, 1],
             )?,
@@ -215,19 +292,22 @@ impl BoxPostprocess {
             ));
         }
         let params = self.params(gpu, resized, orig);
-        let fin = gpu.pipeline(&KERNEL_FINALIZE, &self.consts("finalize"))?;
-        gpu.dispatch(
+        let consts = self.consts("finalize");
+        let fin = KERNEL_FINALIZE.pipeline(gpu, &consts)?;
+        KERNEL_FINALIZE.dispatch(
+            gpu,
             "box_head.finalize",
             &fin,
-            Some(&params),
+            &consts,
+            &params,
             &[
-                &bufs.cand_boxes,
-                &bufs.cand_scores,
-                &bufs.cand_labels,
-                keep,
-                keep_count,
-                dets,
-                det_count,
+                ("cand_boxes", &bufs.cand_boxes),
+                ("cand_scores", &bufs.cand_scores),
+                ("cand_labels", &bufs.cand_labels),
+                ("keep", keep),
+                ("keep_count", keep_count),
+                ("dets", dets),
+                ("det_count", det_count),
             ],
             [self.max_det.div_ceil(64).max(1) as u32, 1, 1],
         )
@@ -241,6 +321,19 @@ pub struct GatherRows {
 }
 
 impl GatherRows {
+    fn consts(&self) -> Vec<(&'static str, ConstVal)> {
+        vec![
+            ("NUM_CLASSES", ConstVal::U32(2)),
+            ("SCORE_THRESH", ConstVal::F32(0.0)),
+            ("MIN_SIZE", ConstVal::F32(0.0)),
+            ("MAX_DET", ConstVal::U32(self.max_rows as u32)),
+            ("DECODE", ConstVal::Bool(false)),
+            ("COMPACT", ConstVal::Bool(false)),
+            ("FINALIZE", ConstVal::Bool(false)),
+            ("GATHER", ConstVal::Bool(true)),
+        ]
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn encode(
         &self,
@@ -262,23 +355,21 @@ impl GatherRows {
                 "gather output buffers smaller than max_rows",
             ));
         }
-        let consts = [
-            ("NUM_CLASSES", ConstVal::U32(2)),
-            ("SCORE_THRESH", ConstVal::F32(0.0)),
-            ("MIN_SIZE", ConstVal::F32(0.0)),
-            ("MAX_DET", ConstVal::U32(self.max_rows as u32)),
-            ("DECODE", ConstVal::Bool(false)),
-            ("COMPACT", ConstVal::Bool(false)),
-            ("FINALIZE", ConstVal::Bool(false)),
-            ("GATHER", ConstVal::Bool(true)),
-        ];
-        let pipeline = gpu.pipeline(&KERNEL_GATHER, &consts)?;
-        gpu.dispatch(
+        let consts = self.consts();
+        let pipeline = KERNEL_GATHER.pipeline(gpu, &consts)?;
+        KERNEL_GATHER.dispatch_without_params(
+            gpu,
             label,
             &pipeline,
-            None,
+            &consts,
             &[
-                src_boxes, src_scores, keep, keep_count, out_boxes, out_scores, out_count,
+                ("src_boxes", src_boxes),
+                ("src_scores", src_scores),
+                ("keep", keep),
+                ("keep_count", keep_count),
+                ("out_boxes", out_boxes),
+                ("out_scores", out_scores),
+                ("out_count", out_count),
             ],
             [self.max_rows.div_ceil(64).max(1) as u32, 1, 1],
         )

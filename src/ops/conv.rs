@@ -5,12 +5,122 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::{ConstVal, Dispatch, Gpu, Kernel, Nhwc, Tensor};
+use crate::ops::contract::{params_struct, Binding, HostStruct, KernelIo, KernelVariant, Uniform};
 
 pub const KERNEL: Kernel = Kernel {
     name: "conv2d",
     source: include_str!("../../shaders/conv2d.wgsl"),
     entry: "main",
 };
+
+/// The kernel's inputs and outputs (the residual only in variants with `RESIDUAL`).
+pub const IO: KernelIo = KernelIo {
+    kernel: KERNEL,
+    params: Some(Params::LAYOUT),
+    storage: &[
+        Binding::read("x"),
+        Binding::read("wt"),
+        Binding::read("bias"),
+        Binding::read_write("y"),
+        Binding::read("res").when("RESIDUAL"),
+    ],
+};
+
+/// The conv variants the known models compile, every tile of every distinct layer:
+/// [`faster_rcnn_layers`] of torchvision's COCO model (ResNet-50, FPN 256, 1024, 91 classes), the
+/// paper's (8 classes), marrow's compact model (ResNet-18, FPN 128, 256, 4 classes) and the test
+/// fixture model (ResNet-50, FPN 64, 1024, 4 classes).
+pub fn variants() -> Vec<KernelVariant> {
+    let mut layers: Vec<Conv2d> = Vec::new();
+    for (bottleneck, fpn, rep, classes) in [
+        (true, 256, 1024, 91),
+        (true, 256, 1024, 8),
+        (false, 128, 256, 4),
+        (true, 64, 1024, 4),
+    ] {
+        for l in faster_rcnn_layers(bottleneck, fpn, rep, classes) {
+            if !layers.contains(&l) {
+                layers.push(l);
+            }
+        }
+    }
+    layers
+        .iter()
+        .flat_map(|l| ConvTile::ALL.map(|t| KernelVariant::new(IO, l.consts(t))))
+        .collect()
+}
+
+/// The distinct convolution layers of a torchvision ResNet-FPN Faster R-CNN, as src/model builds
+/// them: the body (`bottleneck`: ResNet-50/101 Bottleneck blocks, else ResNet-18/34 BasicBlocks;
+/// the block count does not add shapes), the FPN of width `fpn` (lateral 1×1 convs with the
+/// top-down add fused, 3×3 outputs), the RPN head (3 anchors per location) and the box head MLP
+/// (`representation`, `classes` including background) as 1×1 convolutions over rows.
+pub fn faster_rcnn_layers(
+    bottleneck: bool,
+    fpn: usize,
+    representation: usize,
+    classes: usize,
+) -> Vec<Conv2d> {
+    let conv = |cin, cout, k: usize, stride, relu, residual| Conv2d {
+        cin,
+        cout,
+        kh: k,
+        kw: k,
+        stride,
+        pad: (k - 1) / 2,
+        relu,
+        residual,
+    };
+    let e = if bottleneck { 4 } else { 1 };
+    let mut out = vec![conv(3, 64, 7, 2, true, Residual::None)];
+    for layer in 1..=4 {
+        let planes = 64 << (layer - 1);
+        // Block 0 (stride, channel change, downsample) and block 1 (as all later blocks).
+        for idx in 0..2 {
+            let stride = if idx == 0 && layer > 1 { 2 } else { 1 };
+            let cin = match (idx, layer) {
+                (0, 1) => 64,
+                (0, _) => planes / 2 * e,
+                _ => planes * e,
+            };
+            if stride != 1 || cin != planes * e {
+                out.push(conv(cin, planes * e, 1, stride, false, Residual::None));
+            }
+            if bottleneck {
+                out.push(conv(cin, planes, 1, 1, true, Residual::None));
+                out.push(conv(planes, planes, 3, stride, true, Residual::None));
+                out.push(conv(planes, planes * 4, 1, 1, true, Residual::Same));
+            } else {
+                out.push(conv(cin, planes, 3, stride, true, Residual::None));
+                out.push(conv(planes, planes, 3, 1, true, Residual::Same));
+            }
+        }
+    }
+    for i in 0..4 {
+        let residual = if i == 3 {
+            Residual::None
+        } else {
+            Residual::Nearest
+        };
+        out.push(conv((64 << i) * e, fpn, 1, 1, false, residual));
+        out.push(conv(fpn, fpn, 3, 1, false, Residual::None));
+    }
+    out.push(conv(fpn, fpn, 3, 1, true, Residual::None));
+    out.push(conv(fpn, 3, 1, 1, false, Residual::None));
+    out.push(conv(fpn, 12, 1, 1, false, Residual::None));
+    let linear = crate::ops::box_head::linear;
+    out.push(linear(fpn * 49, representation, true));
+    out.push(linear(representation, representation, true));
+    out.push(linear(representation, classes, false));
+    out.push(linear(representation, 4 * classes, false));
+    let mut distinct: Vec<Conv2d> = Vec::new();
+    for l in out {
+        if !distinct.contains(&l) {
+            distinct.push(l);
+        }
+    }
+    distinct
+}
 
 /// What the epilogue adds before the (optional) ReLU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -67,21 +177,21 @@ pub struct ConvWeights {
     pub b: Arc<wgpu::Buffer>,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n: u32,
-    h: u32,
-    w: u32,
-    oh: u32,
-    ow: u32,
-    m: u32,
-    rh: u32,
-    rw: u32,
-    scale_h: f32,
-    scale_w: f32,
-    pad0: u32,
-    pad1: u32,
+params_struct! {
+    struct Params {
+        n: u32,
+        h: u32,
+        w: u32,
+        oh: u32,
+        ow: u32,
+        m: u32,
+        rh: u32,
+        rw: u32,
+        scale_h: f32,
+        scale_w: f32,
+        pad0: u32,
+        pad1: u32,
+    }
 }
 
 impl Conv2d {
@@ -212,6 +322,32 @@ impl Conv2d {
         )
     }
 
+    /// The consts of this layer's kernel variant with a given tile.
+    pub fn consts(&self, tile: ConvTile) -> Vec<(&'static str, ConstVal)> {
+        let u = |v: usize| ConstVal::U32(v as u32);
+        let (rm, rn) = tile.block();
+        vec![
+            ("KH", u(self.kh)),
+            ("KW", u(self.kw)),
+            ("STRIDE", u(self.stride)),
+            ("PAD", u(self.pad)),
+            ("CIN", u(self.cin)),
+            ("COUT", u(self.cout)),
+            ("RELU", ConstVal::Bool(self.relu)),
+            ("RM", u(rm)),
+            ("RN", u(rn)),
+            ("RESIDUAL", ConstVal::Bool(self.residual != Residual::None)),
+            (
+                "RES_MODE",
+                ConstVal::U32(match self.residual {
+                    Residual::None => 0,
+                    Residual::Same => 1,
+                    Residual::Nearest => 2,
+                }),
+            ),
+        ]
+    }
+
     /// Checks shapes and records the dispatch `y = act(conv(x) + bias [+ residual])` with the
     /// layer's tile ([`Conv2d::tile`]).
     pub fn encode(
@@ -295,17 +431,25 @@ impl Conv2d {
             pad0: 0,
             pad1: 0,
         };
-        let pipeline = self.pipeline_for(gpu, tile)?;
-        let ubuf = gpu.uniform(&format!("{label} params"), &params);
-        let mut bufs: Vec<&wgpu::Buffer> = vec![&x.buf, &weights.w, &weights.b, &y.buf];
+        let consts = self.consts(tile);
+        let pipeline = IO.pipeline(gpu, &consts)?;
+        let ubuf = Uniform::new(gpu, &format!("{label} params"), &params);
+        let mut bufs: Vec<(&str, &wgpu::Buffer)> = vec![
+            ("x", &x.buf),
+            ("wt", &weights.w),
+            ("bias", &weights.b),
+            ("y", &y.buf),
+        ];
         if let Some(r) = residual {
-            bufs.push(&r.buf);
+            bufs.push(("res", &r.buf));
         }
         let (rm, rn) = tile.block();
-        gpu.dispatch(
+        IO.dispatch(
+            gpu,
             label,
             &pipeline,
-            Some(&ubuf),
+            &consts,
+            &ubuf,
             &bufs,
             [
                 super::groups(m, 16 * rm),

@@ -2,6 +2,7 @@
 //! dispatch it records. The WGSL lives in `shaders/<family>.wgsl`.
 
 pub mod box_head;
+pub mod contract;
 pub mod conv;
 pub mod nms;
 pub mod pool;

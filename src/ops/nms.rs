@@ -28,30 +28,104 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{Buffer, ConstVal, Dispatch, Gpu, Kernel};
+use crate::ops::contract::{params_struct, Binding, HostStruct, KernelIo, KernelVariant, Uniform};
 use crate::ops::groups;
 
 const SOURCE: &str = include_str!("../../shaders/nms.wgsl");
 
-pub const RANK: Kernel = Kernel {
-    name: "nms_rank",
-    source: SOURCE,
-    entry: "rank",
-};
-pub const PREP: Kernel = Kernel {
-    name: "nms_prep",
-    source: SOURCE,
-    entry: "prep",
-};
-pub const MASK: Kernel = Kernel {
-    name: "nms_mask",
-    source: SOURCE,
-    entry: "mask_rows",
-};
-pub const GREEDY: Kernel = Kernel {
-    name: "nms_greedy",
-    source: SOURCE,
-    entry: "greedy",
-};
+const fn stage(name: &'static str, entry: &'static str, storage: &'static [Binding]) -> KernelIo {
+    KernelIo {
+        kernel: Kernel {
+            name,
+            source: SOURCE,
+            entry,
+        },
+        params: Some(Params::LAYOUT),
+        storage,
+    }
+}
+
+pub const RANK: KernelIo = stage(
+    "nms_rank",
+    "rank",
+    &[
+        Binding::read("scores"),
+        Binding::read("count_in"),
+        Binding::read_write("order"),
+    ],
+);
+pub const PREP: KernelIo = stage(
+    "nms_prep",
+    "prep",
+    &[
+        Binding::read("boxes"),
+        Binding::read("count_in"),
+        Binding::read("order"),
+        Binding::read_write("sbox"),
+        Binding::read_write("sarea"),
+        Binding::read_write("state"),
+        Binding::read("ids").when("BATCHED"),
+        Binding::read_write("sid").when("BATCHED"),
+    ],
+);
+pub const MASK: KernelIo = stage(
+    "nms_mask",
+    "mask_rows",
+    &[
+        Binding::read("sbox"),
+        Binding::read("sarea"),
+        Binding::read("state"),
+        Binding::read_write("mask"),
+        Binding::read("sid").when("BATCHED"),
+    ],
+);
+pub const GREEDY: KernelIo = stage(
+    "nms_greedy",
+    "greedy",
+    &[
+        Binding::read("mask"),
+        Binding::read("order"),
+        Binding::read("state"),
+        Binding::read_write("keep_out"),
+        Binding::read_write("count_out"),
+    ],
+);
+
+/// The consts of stage `stage` (0 rank, 1 prep, 2 mask, 3 greedy); only the mask and greedy
+/// stages depend on the capacity (`WORDS` u32 words per mask row).
+fn stage_consts(stage: usize, batched: bool, words: usize) -> Vec<(&'static str, ConstVal)> {
+    let mut v = vec![
+        ("STAGE_RANK", ConstVal::Bool(stage == 0)),
+        ("STAGE_PREP", ConstVal::Bool(stage == 1)),
+        ("STAGE_MASK", ConstVal::Bool(stage == 2)),
+        ("STAGE_GREEDY", ConstVal::Bool(stage == 3)),
+        ("BATCHED", ConstVal::Bool(batched)),
+    ];
+    if stage >= 2 {
+        v.push(("WORDS", ConstVal::U32(words as u32)));
+    }
+    v
+}
+
+/// The variants NMS compiles, plain and batched: rank and prep once each, mask and greedy per
+/// capacity. Capacities vary with the image size and the model, so these are the ones that bound
+/// them: 1, the RPN's at 800×1088 (4663) and its largest (5 levels × 1000), the box head's for 3
+/// classes (1000 proposals), its cap (the detector's `MAX_BOX_CANDIDATES`, 16384), and the
+/// largest the greedy pass's 32 KiB of workgroup memory allows.
+pub fn variants() -> Vec<KernelVariant> {
+    let capacities = [1, 4663, 5000, 3000, 16384, (8192 - 4) * 32];
+    let mut out = Vec::new();
+    for batched in [false, true] {
+        out.push(KernelVariant::new(RANK, stage_consts(0, batched, 0)));
+        out.push(KernelVariant::new(PREP, stage_consts(1, batched, 0)));
+        for cap in capacities {
+            let words = Nms::new(cap, 0.5, cap, batched).words();
+            out.push(KernelVariant::new(MASK, stage_consts(2, batched, words)));
+            out.push(KernelVariant::new(GREEDY, stage_consts(3, batched, words)));
+        }
+    }
+    out
+}
 
 /// torchvision's CPU `batched_nms` takes the coordinate trick up to this many boxes.
 pub const CPU_TRICK_MAX_BOXES: usize = crate::cpu::nms::CPU_TRICK_MAX_BOXES;
@@ -102,19 +176,21 @@ pub struct NmsScratch {
     mask: Buffer,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    cap: u32,
-    count_index: u32,
-    out_index: u32,
-    max_out: u32,
-    trick_max: u32,
-    thr_mant: u32,
-    thr_exp: i32,
-    tie_up: u32,
-    zero: u32,
-    pad: [u32; 3],
+params_struct! {
+    struct Params {
+        cap: u32,
+        count_index: u32,
+        out_index: u32,
+        max_out: u32,
+        trick_max: u32,
+        thr_mant: u32,
+        thr_exp: i32,
+        tie_up: u32,
+        zero: u32,
+        pad0: u32,
+        pad1: u32,
+        pad2: u32,
+    }
 }
 
 /// The rounding boundary of `f32(q) > thr`: the midpoint between `thr` and the next f32 above,
@@ -314,70 +390,81 @@ impl Nms {
             thr_exp,
             tie_up: tie_up as u32,
             zero: 0,
-            pad: [0; 3],
+            pad0: 0,
+            pad1: 0,
+            pad2: 0,
         };
-        let ubuf = gpu.uniform(&format!("{label} params"), &params);
+        let ubuf = Uniform::new(gpu, &format!("{label} params"), &params);
 
         let words = self.words();
-        let variant = |stage: usize| -> Vec<(&'static str, ConstVal)> {
-            let mut v = vec![
-                ("STAGE_RANK", ConstVal::Bool(stage == 0)),
-                ("STAGE_PREP", ConstVal::Bool(stage == 1)),
-                ("STAGE_MASK", ConstVal::Bool(stage == 2)),
-                ("STAGE_GREEDY", ConstVal::Bool(stage == 3)),
-                ("BATCHED", ConstVal::Bool(self.batched)),
-            ];
-            // Only the mask and greedy stages are capacity-specific.
-            if stage >= 2 {
-                v.push(("WORDS", ConstVal::U32(words as u32)));
-            }
-            v
-        };
         let s = scratch;
         let row_groups = groups(self.capacity, 256);
+        let record = |io_: &KernelIo,
+                      stage: usize,
+                      what: &str,
+                      buffers: &[(&str, &Buffer)],
+                      grid: [u32; 3]|
+         -> Result<Dispatch> {
+            let consts = stage_consts(stage, self.batched, words);
+            let pipeline = io_.pipeline(gpu, &consts)?;
+            io_.dispatch(
+                gpu,
+                format!("{label} {what}"),
+                &pipeline,
+                &consts,
+                &ubuf,
+                buffers,
+                grid,
+            )
+        };
 
-        let rank = gpu.pipeline(&RANK, &variant(0))?;
-        let d_rank = gpu.dispatch(
-            format!("{label} rank"),
-            &rank,
-            Some(&ubuf),
-            &[io.scores, io.count, &s.order],
+        let d_rank = record(
+            &RANK,
+            0,
+            "rank",
+            &[
+                ("scores", io.scores),
+                ("count_in", io.count),
+                ("order", &s.order),
+            ],
             [row_groups, 1, 1],
         )?;
 
-        let prep = gpu.pipeline(&PREP, &variant(1))?;
-        let mut prep_bufs: Vec<&Buffer> =
-            vec![io.boxes, io.count, &s.order, &s.sbox, &s.sarea, &s.state];
+        let mut prep_bufs: Vec<(&str, &Buffer)> = vec![
+            ("boxes", io.boxes),
+            ("count_in", io.count),
+            ("order", &s.order),
+            ("sbox", &s.sbox),
+            ("sarea", &s.sarea),
+            ("state", &s.state),
+        ];
         if let (Some(ids), Some(sid)) = (ids, s.sid.as_ref()) {
-            prep_bufs.extend([ids, sid]);
+            prep_bufs.extend([("ids", ids), ("sid", sid)]);
         }
-        let d_prep = gpu.dispatch(
-            format!("{label} prep"),
-            &prep,
-            Some(&ubuf),
-            &prep_bufs,
-            [1, 1, 1],
-        )?;
+        let d_prep = record(&PREP, 1, "prep", &prep_bufs, [1, 1, 1])?;
 
-        let mask = gpu.pipeline(&MASK, &variant(2))?;
-        let mut mask_bufs: Vec<&Buffer> = vec![&s.sbox, &s.sarea, &s.state, &s.mask];
+        let mut mask_bufs: Vec<(&str, &Buffer)> = vec![
+            ("sbox", &s.sbox),
+            ("sarea", &s.sarea),
+            ("state", &s.state),
+            ("mask", &s.mask),
+        ];
         if let Some(sid) = s.sid.as_ref() {
-            mask_bufs.push(sid);
+            mask_bufs.push(("sid", sid));
         }
-        let d_mask = gpu.dispatch(
-            format!("{label} mask"),
-            &mask,
-            Some(&ubuf),
-            &mask_bufs,
-            [row_groups, words as u32, 1],
-        )?;
+        let d_mask = record(&MASK, 2, "mask", &mask_bufs, [row_groups, words as u32, 1])?;
 
-        let greedy = gpu.pipeline(&GREEDY, &variant(3))?;
-        let d_greedy = gpu.dispatch(
-            format!("{label} greedy"),
-            &greedy,
-            Some(&ubuf),
-            &[&s.mask, &s.order, &s.state, io.keep, io.keep_count],
+        let d_greedy = record(
+            &GREEDY,
+            3,
+            "greedy",
+            &[
+                ("mask", &s.mask),
+                ("order", &s.order),
+                ("state", &s.state),
+                ("keep_out", io.keep),
+                ("count_out", io.keep_count),
+            ],
             [1, 1, 1],
         )?;
         Ok(vec![d_rank, d_prep, d_mask, d_greedy])

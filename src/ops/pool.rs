@@ -2,12 +2,27 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{ConstVal, Dispatch, Gpu, Kernel, Nhwc, Tensor};
+use crate::ops::contract::{params_struct, Binding, HostStruct, KernelIo, KernelVariant, Uniform};
 
 pub const KERNEL: Kernel = Kernel {
     name: "maxpool2d",
     source: include_str!("../../shaders/pool.wgsl"),
     entry: "main",
 };
+
+pub const IO: KernelIo = KernelIo {
+    kernel: KERNEL,
+    params: Some(Params::LAYOUT),
+    storage: &[Binding::read("x"), Binding::read_write("y")],
+};
+
+/// The pools the model compiles: the stem's and FPN's LastLevelMaxPool.
+pub fn variants() -> Vec<KernelVariant> {
+    [MaxPool2d::STEM, MaxPool2d::LAST_LEVEL]
+        .iter()
+        .map(|p| KernelVariant::new(IO, p.consts()))
+        .collect()
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MaxPool2d {
@@ -16,17 +31,17 @@ pub struct MaxPool2d {
     pub pad: usize,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n: u32,
-    h: u32,
-    w: u32,
-    c: u32,
-    oh: u32,
-    ow: u32,
-    total: u32,
-    pad0: u32,
+params_struct! {
+    struct Params {
+        n: u32,
+        h: u32,
+        w: u32,
+        c: u32,
+        oh: u32,
+        ow: u32,
+        total: u32,
+        pad0: u32,
+    }
 }
 
 impl MaxPool2d {
@@ -60,6 +75,16 @@ impl MaxPool2d {
         ))
     }
 
+    /// The consts of this pool's kernel variant.
+    pub fn consts(&self) -> Vec<(&'static str, ConstVal)> {
+        let u = |v: usize| ConstVal::U32(v as u32);
+        vec![
+            ("KSIZE", u(self.ksize)),
+            ("STRIDE", u(self.stride)),
+            ("PAD", u(self.pad)),
+        ]
+    }
+
     pub fn encode(&self, gpu: &Gpu, label: &str, x: &Tensor, y: &Tensor) -> Result<Dispatch> {
         let out = self.out_shape(x.shape)?;
         if y.shape != out {
@@ -69,15 +94,8 @@ impl MaxPool2d {
             ));
         }
         let total = out.len();
-        let u = |v: usize| ConstVal::U32(v as u32);
-        let pipeline = gpu.pipeline(
-            &KERNEL,
-            &[
-                ("KSIZE", u(self.ksize)),
-                ("STRIDE", u(self.stride)),
-                ("PAD", u(self.pad)),
-            ],
-        )?;
+        let consts = self.consts();
+        let pipeline = IO.pipeline(gpu, &consts)?;
         let params = Params {
             n: out.n as u32,
             h: x.shape.h as u32,
@@ -88,12 +106,14 @@ impl MaxPool2d {
             total: total as u32,
             pad0: 0,
         };
-        let ubuf = gpu.uniform(&format!("{label} params"), &params);
-        gpu.dispatch(
+        let ubuf = Uniform::new(gpu, &format!("{label} params"), &params);
+        IO.dispatch(
+            gpu,
             label,
             &pipeline,
-            Some(&ubuf),
-            &[&x.buf, &y.buf],
+            &consts,
+            &ubuf,
+            &[("x", &x.buf), ("y", &y.buf)],
             grid_1d(total),
         )
     }

@@ -20,13 +20,46 @@
 use crate::cpu::roi_align::{mapper_level, TORCHVISION_LEVEL_THRESHOLDS};
 use crate::error::{Error, Result};
 use crate::gpu::{ConstVal, Dispatch, Gpu, Kernel, Tensor};
+use crate::ops::contract::{params_struct, Binding, HostStruct, KernelIo, KernelVariant, Uniform};
 use crate::ops::pool::grid_1d;
 
-pub const KERNEL: Kernel = Kernel {
-    name: "multiscale_roi_align",
-    source: include_str!("../../shaders/roi_align.wgsl"),
-    entry: "main",
+pub const KERNEL: KernelIo = KernelIo {
+    kernel: Kernel {
+        name: "multiscale_roi_align",
+        source: include_str!("../../shaders/roi_align.wgsl"),
+        entry: "main",
+    },
+    params: Some(Params::LAYOUT),
+    storage: &[
+        Binding::read("f0"),
+        Binding::read("f1"),
+        Binding::read("f2"),
+        Binding::read("f3"),
+        Binding::read("boxes"),
+        Binding::read("count"),
+        Binding::read_write("y"),
+    ],
 };
+
+/// The variants RoIAlign compiles: the box head's (7×7, sampling ratio 2, not aligned) and the
+/// other settings the op accepts and the tests run (adaptive and fixed sampling, aligned, other
+/// output sizes up to the largest, 64).
+pub fn variants() -> Vec<KernelVariant> {
+    let mut out = Vec::new();
+    for (output, sampling_ratio) in [(7, 2), (7, 0), (7, -1), (7, 1), (5, 3), (1, 2), (64, 2)] {
+        for aligned in [false, true] {
+            let op = MultiScaleRoiAlign {
+                output,
+                sampling_ratio,
+                aligned,
+                capacity: 1,
+                channels: 1,
+            };
+            out.push(KernelVariant::new(KERNEL, op.consts()));
+        }
+    }
+    out
+}
 
 /// torchvision's MultiScaleRoIAlign(['0','1','2','3'], output, sampling_ratio) over P2..P5.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,17 +76,17 @@ pub struct MultiScaleRoiAlign {
     pub channels: usize,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    h: [u32; 4],
-    w: [u32; 4],
-    scale: [f32; 4],
-    thr: [f32; 4],
-    c: u32,
-    capacity: u32,
-    batch: u32,
-    ones: u32,
+params_struct! {
+    struct Params {
+        h: [u32; 4],
+        w: [u32; 4],
+        scale: [f32; 4],
+        thr: [f32; 4],
+        c: u32,
+        capacity: u32,
+        batch: u32,
+        ones: u32,
+    }
 }
 
 /// torchvision's `_infer_scale` on the height: `2 ** round(log2(f32(feat_h / image_h)))`.
@@ -131,6 +164,15 @@ impl MultiScaleRoiAlign {
             capacity,
             channels,
         }
+    }
+
+    /// The kernel variant's consts.
+    fn consts(&self) -> Vec<(&'static str, ConstVal)> {
+        vec![
+            ("OUT", ConstVal::U32(self.output as u32)),
+            ("SAMPLING", ConstVal::I32(self.sampling_ratio)),
+            ("ALIGNED", ConstVal::Bool(self.aligned)),
+        ]
     }
 
     /// Elements of the output buffer: `capacity * output² * channels`.
@@ -240,14 +282,8 @@ impl MultiScaleRoiAlign {
         let scales = self.scales(levels, image_size)?;
         let k_min = -scales[0].log2() as i32;
         let thr = level_thresholds(k_min);
-        let pipeline = gpu.pipeline(
-            &KERNEL,
-            &[
-                ("OUT", ConstVal::U32(self.output as u32)),
-                ("SAMPLING", ConstVal::I32(self.sampling_ratio)),
-                ("ALIGNED", ConstVal::Bool(self.aligned)),
-            ],
-        )?;
+        let consts = self.consts();
+        let pipeline = KERNEL.pipeline(gpu, &consts)?;
         let params = Params {
             h: levels.map(|t| t.shape.h as u32),
             w: levels.map(|t| t.shape.w as u32),
@@ -258,24 +294,26 @@ impl MultiScaleRoiAlign {
             batch: batch as u32,
             ones: u32::MAX,
         };
-        let ubuf = gpu.uniform(&format!("{label} params"), &params);
+        let ubuf = Uniform::new(gpu, &format!("{label} params"), &params);
         let grid = if total == 0 {
             [0, 1, 1]
         } else {
             grid_1d(total)
         };
-        gpu.dispatch(
+        KERNEL.dispatch(
+            gpu,
             label,
             &pipeline,
-            Some(&ubuf),
+            &consts,
+            &ubuf,
             &[
-                &levels[0].buf,
-                &levels[1].buf,
-                &levels[2].buf,
-                &levels[3].buf,
-                boxes,
-                count,
-                out,
+                ("f0", &levels[0].buf),
+                ("f1", &levels[1].buf),
+                ("f2", &levels[2].buf),
+                ("f3", &levels[3].buf),
+                ("boxes", boxes),
+                ("count", count),
+                ("y", out),
             ],
             grid,
         )

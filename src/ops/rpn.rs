@@ -14,6 +14,7 @@
 use crate::cpu::rpn as host;
 use crate::error::{Error, Result};
 use crate::gpu::{Buffer, ConstVal, Dispatch, Gpu, Kernel, Tensor};
+use crate::ops::contract::{params_struct, Binding, HostStruct, KernelIo, KernelVariant, Uniform};
 use crate::ops::pool::grid_1d;
 use crate::ops::topk::{SegmentedTopK, TopKBuffers, MAX_SEGMENTS};
 
@@ -21,63 +22,106 @@ const SOURCE: &str = include_str!("../../shaders/rpn.wgsl");
 /// Most anchors per location (cell anchors travel in the uniform).
 pub const MAX_ANCHORS_PER_LOCATION: usize = 8;
 
-#[derive(Clone, Copy)]
-enum Entry {
-    Anchors,
-    Decode,
-    Filter,
-}
-
-fn pipeline(gpu: &Gpu, e: Entry) -> Result<std::sync::Arc<wgpu::ComputePipeline>> {
-    let (entry, flags) = match e {
-        Entry::Anchors => ("rpn_anchors", [true, true, false, false]),
-        Entry::Decode => ("rpn_decode", [true, false, true, false]),
-        Entry::Filter => ("rpn_filter", [false, false, false, true]),
-    };
-    let names = ["K_LEVEL", "K_ANCHORS", "K_DECODE", "K_FILTER"];
-    let consts: Vec<(&str, ConstVal)> = names
-        .iter()
-        .zip(flags)
-        .map(|(n, f)| (*n, ConstVal::Bool(f)))
-        .collect();
-    gpu.pipeline(
-        &Kernel {
+const fn entry(
+    entry: &'static str,
+    params: crate::ops::contract::StructLayout,
+    storage: &'static [Binding],
+) -> KernelIo {
+    KernelIo {
+        kernel: Kernel {
             name: "rpn",
             source: SOURCE,
             entry,
         },
-        &consts,
-    )
+        params: Some(params),
+        storage,
+    }
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct LevelParams {
-    level: u32,
-    anchor_offset: u32,
-    n: u32,
-    k: u32,
-    out_offset: u32,
-    gw: u32,
-    stride_h: u32,
-    stride_w: u32,
-    a: u32,
-    clip: f32,
-    pad: [u32; 2],
-    cell: [[f32; 4]; MAX_ANCHORS_PER_LOCATION],
+/// Writes every anchor of one level (validation and tests).
+pub const ANCHORS: KernelIo = entry(
+    "rpn_anchors",
+    LevelParams::LAYOUT,
+    &[Binding::read_write("anchors")],
+);
+/// Decodes one level's top-k slots.
+pub const DECODE: KernelIo = entry(
+    "rpn_decode",
+    LevelParams::LAYOUT,
+    &[
+        Binding::read("order"),
+        Binding::read("objectness"),
+        Binding::read("deltas"),
+        Binding::read_write("raw_boxes"),
+        Binding::read_write("raw_scores"),
+    ],
+);
+/// Clip, filters and ordered compaction of all levels' candidates.
+pub const FILTER: KernelIo = entry(
+    "rpn_filter",
+    FilterParams::LAYOUT,
+    &[
+        Binding::read("raw_boxes"),
+        Binding::read("raw_scores"),
+        Binding::read_write("boxes"),
+        Binding::read_write("scores"),
+        Binding::read_write("levels"),
+        Binding::read_write("count"),
+    ],
+);
+
+/// An entry point's consts: K_LEVEL (the level-params part), K_ANCHORS, K_DECODE, K_FILTER.
+fn consts(io: &KernelIo) -> Vec<(&'static str, ConstVal)> {
+    let flags = match io.kernel.entry {
+        "rpn_anchors" => [true, true, false, false],
+        "rpn_decode" => [true, false, true, false],
+        _ => [false, false, false, true],
+    };
+    ["K_LEVEL", "K_ANCHORS", "K_DECODE", "K_FILTER"]
+        .into_iter()
+        .zip(flags)
+        .map(|(n, f)| (n, ConstVal::Bool(f)))
+        .collect()
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct FilterParams {
-    kmax: u32,
-    n_levels: u32,
-    img_h: f32,
-    img_w: f32,
-    min_size: f32,
-    score_thresh: f32,
-    pad: [u32; 2],
-    lv: [[u32; 4]; MAX_SEGMENTS],
+/// Every variant the RPN compiles: one per entry point.
+pub fn variants() -> Vec<KernelVariant> {
+    [ANCHORS, DECODE, FILTER]
+        .into_iter()
+        .map(|io| KernelVariant::new(io, consts(&io)))
+        .collect()
+}
+
+params_struct! {
+    struct LevelParams {
+        level: u32,
+        anchor_offset: u32,
+        n: u32,
+        k: u32,
+        out_offset: u32,
+        gw: u32,
+        stride_h: u32,
+        stride_w: u32,
+        a: u32,
+        clip: f32,
+        pad0: u32,
+        pad1: u32,
+        cell: [[f32; 4]; MAX_ANCHORS_PER_LOCATION],
+    }
+}
+
+params_struct! {
+    struct FilterParams {
+        kmax: u32,
+        n_levels: u32,
+        img_h: f32,
+        img_w: f32,
+        min_size: f32,
+        score_thresh: f32,
+        pad0: u32,
+        pad1: u32,
+        lv: [[u32; 4]; MAX_SEGMENTS],
+    }
 }
 
 /// The RPN's pre-NMS proposal stage (eval constants by default).
@@ -266,7 +310,8 @@ impl RpnPlan {
             stride_w: lv.stride.1 as u32,
             a: self.a as u32,
             clip: host::BBOX_XFORM_CLIP,
-            pad: [0; 2],
+            pad0: 0,
+            pad1: 0,
             cell,
         }
     }
@@ -331,19 +376,26 @@ impl RpnPlan {
         let mut out = self
             .topk
             .encode(gpu, &format!("{label} top-k"), &inputs, &b.topk)?;
-        let decode = pipeline(gpu, Entry::Decode)?;
+        let decode_consts = consts(&DECODE);
+        let decode = DECODE.pipeline(gpu, &decode_consts)?;
         for l in 0..nl {
-            let u = gpu.uniform(&format!("{label} decode {l} params"), &self.level_params(l));
-            out.push(gpu.dispatch(
+            let u = Uniform::new(
+                gpu,
+                &format!("{label} decode {l} params"),
+                &self.level_params(l),
+            );
+            out.push(DECODE.dispatch(
+                gpu,
                 format!("{label} decode {l}"),
                 &decode,
-                Some(&u),
+                &decode_consts,
+                &u,
                 &[
-                    &b.topk.order,
-                    &objectness[l].buf,
-                    &deltas[l].buf,
-                    &b.raw_boxes,
-                    &b.raw_scores,
+                    ("order", &b.topk.order),
+                    ("objectness", &objectness[l].buf),
+                    ("deltas", &deltas[l].buf),
+                    ("raw_boxes", &b.raw_boxes),
+                    ("raw_scores", &b.raw_scores),
                 ],
                 grid_1d(self.levels[l].k),
             )?);
@@ -355,24 +407,28 @@ impl RpnPlan {
             img_w: self.resized.1 as f32,
             min_size: self.op.min_size,
             score_thresh: self.op.score_thresh,
-            pad: [0; 2],
+            pad0: 0,
+            pad1: 0,
             lv: [[0; 4]; MAX_SEGMENTS],
         };
         for (l, lv) in self.levels.iter().enumerate() {
             fp.lv[l] = [lv.out_offset as u32, lv.k as u32, 0, 0];
         }
-        let u = gpu.uniform(&format!("{label} filter params"), &fp);
-        out.push(gpu.dispatch(
+        let u = Uniform::new(gpu, &format!("{label} filter params"), &fp);
+        let filter_consts = consts(&FILTER);
+        out.push(FILTER.dispatch(
+            gpu,
             format!("{label} filter"),
-            &pipeline(gpu, Entry::Filter)?,
-            Some(&u),
+            &FILTER.pipeline(gpu, &filter_consts)?,
+            &filter_consts,
+            &u,
             &[
-                &b.raw_boxes,
-                &b.raw_scores,
-                &b.boxes,
-                &b.scores,
-                &b.levels,
-                &b.count,
+                ("raw_boxes", &b.raw_boxes),
+                ("raw_scores", &b.raw_scores),
+                ("boxes", &b.boxes),
+                ("scores", &b.scores),
+                ("levels", &b.levels),
+                ("count", &b.count),
             ],
             [1, 1, 1],
         )?);
@@ -387,15 +443,22 @@ impl RpnPlan {
                 format!("{} bytes for {} anchors", out.size(), self.anchors()),
             ));
         }
-        let p = pipeline(gpu, Entry::Anchors)?;
+        let c = consts(&ANCHORS);
+        let p = ANCHORS.pipeline(gpu, &c)?;
         (0..self.levels.len())
             .map(|l| {
-                let u = gpu.uniform(&format!("{label} level {l} params"), &self.level_params(l));
-                gpu.dispatch(
+                let u = Uniform::new(
+                    gpu,
+                    &format!("{label} level {l} params"),
+                    &self.level_params(l),
+                );
+                ANCHORS.dispatch(
+                    gpu,
                     format!("{label} level {l}"),
                     &p,
-                    Some(&u),
-                    &[out],
+                    &c,
+                    &u,
+                    &[("anchors", out)],
                     grid_1d(self.levels[l].n),
                 )
             })

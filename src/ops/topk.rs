@@ -9,16 +9,71 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{Buffer, ConstVal, Dispatch, Gpu, Kernel};
+use crate::ops::contract::{params_struct, Binding, HostStruct, KernelIo, KernelVariant, Uniform};
 use crate::ops::pool::grid_1d;
 
 const SOURCE: &str = include_str!("../../shaders/topk.wgsl");
-const ENTRIES: [&str; 6] = [
-    "topk_init",
-    "topk_keys",
-    "topk_hist",
-    "topk_select",
-    "topk_compact",
-    "topk_rank",
+
+const fn entry(
+    entry: &'static str,
+    params: crate::ops::contract::StructLayout,
+    storage: &'static [Binding],
+) -> KernelIo {
+    KernelIo {
+        kernel: Kernel {
+            name: "topk",
+            source: SOURCE,
+            entry,
+        },
+        params: Some(params),
+        storage,
+    }
+}
+
+/// The six entry points, in dispatch order (index = the K_* flag that selects it).
+pub const ENTRIES: [KernelIo; 6] = [
+    entry(
+        "topk_init",
+        TopkParams::LAYOUT,
+        &[Binding::read_write("hist"), Binding::read_write("state")],
+    ),
+    entry(
+        "topk_keys",
+        KeysParams::LAYOUT,
+        &[Binding::read("values"), Binding::read_write("keys")],
+    ),
+    entry(
+        "topk_hist",
+        TopkParams::LAYOUT,
+        &[
+            Binding::read("keys"),
+            Binding::read("state"),
+            Binding::read_write("hist"),
+        ],
+    ),
+    entry(
+        "topk_select",
+        TopkParams::LAYOUT,
+        &[Binding::read("hist"), Binding::read_write("state")],
+    ),
+    entry(
+        "topk_compact",
+        TopkParams::LAYOUT,
+        &[
+            Binding::read("keys"),
+            Binding::read_write("state"),
+            Binding::read_write("cand"),
+        ],
+    ),
+    entry(
+        "topk_rank",
+        TopkParams::LAYOUT,
+        &[
+            Binding::read("keys"),
+            Binding::read("cand"),
+            Binding::read_write("order"),
+        ],
+    ),
 ];
 const FLAGS: [&str; 6] = [
     "K_INIT",
@@ -42,23 +97,25 @@ const STATE_WORDS: usize = 48;
 /// Largest k_l: the rank kernel is O(k²) per segment (k is ~1000 in the RPN).
 pub const MAX_K: usize = 16384;
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct TopkParams {
-    pass: u32,
-    n_seg: u32,
-    total: u32,
-    chunks: u32,
-    seg: [[u32; 4]; MAX_SEGMENTS],
-    out: [[u32; 4]; MAX_SEGMENTS],
+params_struct! {
+    struct TopkParams {
+        /// The radix pass (`pass` is a WGSL keyword).
+        pass_: u32,
+        n_seg: u32,
+        total: u32,
+        chunks: u32,
+        seg: [[u32; 4]; MAX_SEGMENTS],
+        out: [[u32; 4]; MAX_SEGMENTS],
+    }
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct KeysParams {
-    offset: u32,
-    n: u32,
-    pad: [u32; 2],
+params_struct! {
+    struct KeysParams {
+        offset: u32,
+        n: u32,
+        pad0: u32,
+        pad1: u32,
+    }
 }
 
 /// The shapes of one segmented top-k.
@@ -79,21 +136,58 @@ pub struct TopKBuffers {
     pub order: Buffer,
 }
 
-fn pipeline(gpu: &Gpu, e: usize) -> Result<std::sync::Arc<wgpu::ComputePipeline>> {
-    let consts: Vec<(&str, ConstVal)> = FLAGS
+/// The consts of entry point `e` (its K_* flag set, the others clear).
+fn consts(e: usize) -> Vec<(&'static str, ConstVal)> {
+    FLAGS
         .iter()
         .enumerate()
         .map(|(i, f)| (*f, ConstVal::Bool(i == e)))
         .chain([("CHUNK", ConstVal::U32(CHUNK as u32))])
-        .collect();
-    gpu.pipeline(
-        &Kernel {
-            name: "topk",
-            source: SOURCE,
-            entry: ENTRIES[e],
-        },
-        &consts,
-    )
+        .collect()
+}
+
+/// The compiled entry point `e` with its consts.
+struct Stage {
+    io: KernelIo,
+    consts: Vec<(&'static str, ConstVal)>,
+    pipeline: std::sync::Arc<wgpu::ComputePipeline>,
+}
+
+fn stage(gpu: &Gpu, e: usize) -> Result<Stage> {
+    let consts = consts(e);
+    Ok(Stage {
+        io: ENTRIES[e],
+        pipeline: ENTRIES[e].pipeline(gpu, &consts)?,
+        consts,
+    })
+}
+
+impl Stage {
+    fn dispatch<T: HostStruct>(
+        &self,
+        gpu: &Gpu,
+        label: String,
+        params: &Uniform<T>,
+        buffers: &[(&str, &Buffer)],
+        grid: [u32; 3],
+    ) -> Result<Dispatch> {
+        self.io.dispatch(
+            gpu,
+            label,
+            &self.pipeline,
+            &self.consts,
+            params,
+            buffers,
+            grid,
+        )
+    }
+}
+
+/// Every variant the top-k compiles: one per entry point.
+pub fn variants() -> Vec<KernelVariant> {
+    (0..ENTRIES.len())
+        .map(|e| KernelVariant::new(ENTRIES[e], consts(e)))
+        .collect()
 }
 
 impl SegmentedTopK {
@@ -160,7 +254,7 @@ impl SegmentedTopK {
 
     fn params(&self, pass: usize) -> TopkParams {
         let mut p = TopkParams {
-            pass: pass as u32,
+            pass_: pass as u32,
             n_seg: self.lens.len() as u32,
             total: self.total() as u32,
             chunks: 0,
@@ -214,32 +308,33 @@ impl SegmentedTopK {
             ));
         }
         let base = self.params(0);
-        let ub = gpu.uniform(&format!("{label} params"), &base);
+        let ub = Uniform::new(gpu, &format!("{label} params"), &base);
         let mut out = Vec::with_capacity(8 + 2 * PASSES + self.lens.len());
-        out.push(gpu.dispatch(
+        out.push(stage(gpu, 0)?.dispatch(
+            gpu,
             format!("{label} init"),
-            &pipeline(gpu, 0)?,
-            Some(&ub),
-            &[&b.hist, &b.state],
+            &ub,
+            &[("hist", &b.hist), ("state", &b.state)],
             [1, 1, 1],
         )?);
-        let keys = pipeline(gpu, 1)?;
+        let keys = stage(gpu, 1)?;
         for (l, inp) in inputs.iter().enumerate() {
             let kp = KeysParams {
                 offset: base.seg[l][0],
                 n: self.lens[l] as u32,
-                pad: [0; 2],
+                pad0: 0,
+                pad1: 0,
             };
-            let u = gpu.uniform(&format!("{label} keys {l} params"), &kp);
-            out.push(gpu.dispatch(
+            let u = Uniform::new(gpu, &format!("{label} keys {l} params"), &kp);
+            out.push(keys.dispatch(
+                gpu,
                 format!("{label} keys {l}"),
-                &keys,
-                Some(&u),
-                &[inp, &b.keys],
+                &u,
+                &[("values", *inp), ("keys", &b.keys)],
                 grid_1d(self.lens[l]),
             )?);
         }
-        let (hist, select) = (pipeline(gpu, 2)?, pipeline(gpu, 3)?);
+        let (hist, select) = (stage(gpu, 2)?, stage(gpu, 3)?);
         let chunks = base.chunks as usize;
         let hist_grid = if chunks <= 65535 {
             [chunks as u32, 1, 1]
@@ -247,36 +342,40 @@ impl SegmentedTopK {
             [65535, chunks.div_ceil(65535) as u32, 1]
         };
         for pass in 0..PASSES {
-            let u = gpu.uniform(&format!("{label} pass {pass} params"), &self.params(pass));
-            out.push(gpu.dispatch(
+            let u = Uniform::new(
+                gpu,
+                &format!("{label} pass {pass} params"),
+                &self.params(pass),
+            );
+            out.push(hist.dispatch(
+                gpu,
                 format!("{label} histogram {pass}"),
-                &hist,
-                Some(&u),
-                &[&b.keys, &b.state, &b.hist],
+                &u,
+                &[("keys", &b.keys), ("state", &b.state), ("hist", &b.hist)],
                 hist_grid,
             )?);
             let grid = [self.lens.len() as u32, 1, 1];
-            out.push(gpu.dispatch(
+            out.push(select.dispatch(
+                gpu,
                 format!("{label} select {pass}"),
-                &select,
-                Some(&u),
-                &[&b.hist, &b.state],
+                &u,
+                &[("hist", &b.hist), ("state", &b.state)],
                 grid,
             )?);
         }
-        out.push(gpu.dispatch(
+        out.push(stage(gpu, 4)?.dispatch(
+            gpu,
             format!("{label} compact"),
-            &pipeline(gpu, 4)?,
-            Some(&ub),
-            &[&b.keys, &b.state, &b.cand],
+            &ub,
+            &[("keys", &b.keys), ("state", &b.state), ("cand", &b.cand)],
             grid_1d(self.total()),
         )?);
         let max_k = self.ks.iter().copied().max().unwrap_or(0);
-        out.push(gpu.dispatch(
+        out.push(stage(gpu, 5)?.dispatch(
+            gpu,
             format!("{label} rank"),
-            &pipeline(gpu, 5)?,
-            Some(&ub),
-            &[&b.keys, &b.cand, &b.order],
+            &ub,
+            &[("keys", &b.keys), ("cand", &b.cand), ("order", &b.order)],
             [max_k.div_ceil(256).max(1) as u32, self.lens.len() as u32, 1],
         )?);
         Ok(out)

@@ -4,12 +4,27 @@
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, Gpu, Kernel, Nhwc, Tensor};
 use crate::model::config::TransformConfig;
+use crate::ops::contract::{params_struct, Binding, HostStruct, KernelIo, KernelVariant, Uniform};
 
-pub const KERNEL: Kernel = Kernel {
-    name: "transform",
-    source: include_str!("../../shaders/transform.wgsl"),
-    entry: "main",
+pub const KERNEL: KernelIo = KernelIo {
+    kernel: Kernel {
+        name: "transform",
+        source: include_str!("../../shaders/transform.wgsl"),
+        entry: "main",
+    },
+    params: Some(Params::LAYOUT),
+    storage: &[
+        Binding::read("img"),
+        Binding::read("ytab"),
+        Binding::read("xtab"),
+        Binding::read_write("out"),
+    ],
 };
+
+/// The one variant (no consts).
+pub fn variants() -> Vec<KernelVariant> {
+    vec![KernelVariant::new(KERNEL, Vec::new())]
+}
 
 /// torchvision's eval resize size for an H×W image: `scale = min(min_size / min(H, W),
 /// max_size / max(H, W))` in f64, then `int(H * scale)`, `int(W * scale)` — truncation, so some
@@ -84,19 +99,19 @@ impl TransformSizes {
     }
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    h: u32,
-    w: u32,
-    oh: u32,
-    ow: u32,
-    hp: u32,
-    wp: u32,
-    pad0: u32,
-    pad1: u32,
-    mean: [f32; 4],
-    std: [f32; 4],
+params_struct! {
+    struct Params {
+        h: u32,
+        w: u32,
+        oh: u32,
+        ow: u32,
+        hp: u32,
+        wp: u32,
+        pad0: u32,
+        pad1: u32,
+        mean: [f32; 4],
+        stdev: [f32; 4],
+    }
 }
 
 /// Normalize + resize + pad for one image: `image` is planar [3, H, W] f32 in [0, 1]; the output
@@ -137,15 +152,22 @@ pub fn encode(
         pad0: 0,
         pad1: 0,
         mean: [m[0], m[1], m[2], 0.0],
-        std: [s[0], s[1], s[2], 1.0],
+        stdev: [s[0], s[1], s[2], 1.0],
     };
-    let ubuf = gpu.uniform("transform params", &params);
-    let pipeline = gpu.pipeline(&KERNEL, &[])?;
-    gpu.dispatch(
+    let ubuf = Uniform::new(gpu, "transform params", &params);
+    let pipeline = KERNEL.pipeline(gpu, &[])?;
+    KERNEL.dispatch(
+        gpu,
         "transform",
         &pipeline,
-        Some(&ubuf),
-        &[image, &ytab, &xtab, &out.buf],
+        &[],
+        &ubuf,
+        &[
+            ("img", image),
+            ("ytab", &ytab),
+            ("xtab", &xtab),
+            ("out", &out.buf),
+        ],
         super::pool::grid_1d(hp * wp),
     )
 }
