@@ -1,6 +1,7 @@
 // Greedy non-maximum suppression, decision-exact to torchvision's CPU kernel and to both of its
-// batched_nms paths (torchvision-semantics §7). Four stages are compiled from this file; one Bool
-// const per stage selects that stage's bindings (an auto layout must see every binding used):
+// batched_nms paths (docs/torchvision-semantics.md §7). Four stages are compiled from this file;
+// one Bool const per stage selects that stage's bindings (an auto layout must see every binding
+// used):
 //
 //   STAGE_RANK    stable descending sort of the live scores, as ranks: O(n²) comparisons, exact
 //                 and order-independent (no multi-pass sort network to get wrong at n ≈ 5000)

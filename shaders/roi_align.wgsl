@@ -1,8 +1,8 @@
 // MultiScaleRoIAlign over the FPN levels P2..P5 (NHWC), torchvision's CPU kernel semantics
-// (torchvision-semantics.md §8). One invocation per (roi, output bin, channel), channel fastest, so
-// the 4 bilinear taps of a sample are contiguous reads across a workgroup. The per-RoI geometry is
-// recomputed by every channel's invocation: it is ~100 ALU ops against 16 loads, and keeping it in
-// registers avoids a second dispatch or workgroup barriers.
+// (docs/torchvision-semantics.md §8). One invocation per (roi, output bin, channel), channel
+// fastest, so the 4 bilinear taps of a sample are contiguous reads across a workgroup. The per-RoI
+// geometry is recomputed by every channel's invocation: it is ~100 ALU ops against 16 loads, and
+// keeping it in registers avoids a second dispatch or workgroup barriers.
 //
 // Exactness: the discrete decisions (level, the out-of-range cut at -1 / H, trunc, the y_lo >= H-1
 // edge) must match torchvision's f32 arithmetic bit for bit, so

@@ -1,4 +1,4 @@
-// RPN post-head stages (torchvision-semantics.md §5–§6): anchors, decode of the top-k selected
+// RPN post-head stages (docs/torchvision-semantics.md §5–§6): anchors, decode of the top-k selected
 // anchors, and the pre-NMS filter chain with order-preserving compaction.
 //
 // Anchors are never stored: anchor i of a level is (x·stride_w, y·stride_h, same) + cell[a] with

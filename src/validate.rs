@@ -1,6 +1,7 @@
 //! `marrow validate`: run the engine on a torchvision reference dump's input and compare every
-//! stage present in both (design.md §5 names), end-to-end from the image and teacher-forced from
-//! the reference's own intermediate tensors, with the tolerances of torchvision-semantics §14.3.
+//! stage present in both (docs/design.md §5 names), end-to-end from the image and teacher-forced
+//! from the reference's own intermediate tensors, with the tolerances of
+//! docs/torchvision-semantics.md §14.3.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -260,7 +261,8 @@ fn compare_nchw(
     }
 }
 
-/// Tolerances (torchvision-semantics §14.3). Named so tests and docs quote the same numbers.
+/// Tolerances (docs/torchvision-semantics.md §14.3). Named so tests and docs quote the same
+/// numbers.
 pub mod tol {
     /// normalize + resize + pad, max abs.
     pub const TRANSFORM_ABS: f64 = 2e-6;
@@ -395,7 +397,7 @@ pub fn unchecked_stages(dump: &RefDump) -> Vec<String> {
     v
 }
 
-/// Set matching of proposals and detections (torchvision-semantics §14.4).
+/// Set matching of proposals and detections (docs/torchvision-semantics.md §14.4).
 pub mod matching {
     /// IoU in f64 (a measurement, not a model decision).
     pub fn iou(a: &[f32; 4], b: &[f32; 4]) -> f64 {

@@ -237,7 +237,7 @@ fn image_pool_level_stride_61() {
 #[test]
 fn resize_rule_truncation_examples_from_the_spec() {
     use marrow::ops::transform::resized_size;
-    // torchvision-semantics §2.3: the f64 product truncates just below the integer.
+    // docs/torchvision-semantics.md §2.3: the f64 product truncates just below the integer.
     assert_eq!(resized_size(97, 97, 800, 1333).unwrap(), (799, 799));
     assert_eq!(resized_size(600, 1000, 800, 1333).unwrap(), (799, 1333));
     assert_eq!(resized_size(21, 35, 800, 1333).unwrap(), (799, 1333));

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write a reference dump (design.md §5) of torchvision's Faster R-CNN on one image.
+"""Write a reference dump (docs/design.md §5) of torchvision's Faster R-CNN on one image.
 
     python weights/make_reference.py --weights W.safetensors|W.pth (--image IMG | --synthetic HxW --seed S)
         --out R.safetensors [--min-size N] [--max-size N] [--eps E] [--full] [--note TEXT]

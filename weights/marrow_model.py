@@ -161,7 +161,7 @@ def extract_state_dict(obj) -> "OrderedDict[str, torch.Tensor]":
 
 
 def normalise_names(sd) -> "OrderedDict[str, torch.Tensor]":
-    """Strip `module.`, rename legacy FPN / RPN names (torchvision-semantics §11.2), drop
+    """Strip `module.`, rename legacy FPN / RPN names (docs/torchvision-semantics.md §11.2), drop
     `*.num_batches_tracked`."""
     out = OrderedDict()
     for k, v in sd.items():

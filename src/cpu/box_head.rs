@@ -1,6 +1,6 @@
-//! CPU reference for the box-head post-processing (torchvision-semantics §9.2): softmax, per-class
-//! decode with weights (10, 10, 5, 5), clip, drop background, flatten proposal-major/class-minor,
-//! score > thresh, remove_small_boxes, and the final rescale.
+//! CPU reference for the box-head post-processing (docs/torchvision-semantics.md §9.2): softmax,
+//! per-class decode with weights (10, 10, 5, 5), clip, drop background, flatten
+//! proposal-major/class-minor, score > thresh, remove_small_boxes, and the final rescale.
 
 /// ln(1000/16) as torchvision's BoxCoder uses it (f32).
 pub const BBOX_XFORM_CLIP: f32 = 4.135_166_6;

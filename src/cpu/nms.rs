@@ -1,7 +1,7 @@
-//! CPU reference for non-maximum suppression: torchvision's CPU `nms` kernel and both
-//! `batched_nms` paths (torchvision-semantics §7), in f32 exactly as torchvision computes them.
-//! Rust never contracts `a * b + c` into an FMA, so every f32 operation here rounds exactly once,
-//! like the compiled torchvision kernel; decisions (sort order, `>` tests) are therefore bit-equal.
+//! CPU reference for non-maximum suppression: torchvision's CPU `nms` kernel and both `batched_nms`
+//! paths (docs/torchvision-semantics.md §7), in f32 exactly as torchvision computes them. Rust
+//! never contracts `a * b + c` into an FMA, so every f32 operation here rounds exactly once, like
+//! the compiled torchvision kernel; decisions (sort order, `>` tests) are therefore bit-equal.
 
 use std::cmp::Ordering;
 

@@ -1,9 +1,9 @@
-//! CPU reference for RoIAlign and MultiScaleRoIAlign (torchvision-semantics.md §8), written to
+//! CPU reference for RoIAlign and MultiScaleRoIAlign (docs/torchvision-semantics.md §8), written to
 //! mirror torchvision's CPU kernel (`roi_align_kernel.cpp` + `pre_calc_for_bilinear_interpolate`)
 //! operation by operation in f32 wherever a value feeds a discrete decision (level choice, sample
-//! coordinates, the out-of-range cut, `trunc`, the edge clamp, bilinear weights). Only the
-//! channel sums are accumulated in f64, which makes this a slightly better reference than the f32
-//! kernels under test. Validated against torchvision itself by tests/roi_align.rs with
+//! coordinates, the out-of-range cut, `trunc`, the edge clamp, bilinear weights). Only the channel
+//! sums are accumulated in f64, which makes this a slightly better reference than the f32 kernels
+//! under test. Validated against torchvision itself by tests/roi_align.rs with
 //! tests/fixtures/roi_align_cases.safetensors.
 //!
 //! Layouts: features NHWC; pooled output `[K, out, out, C]` (channels-last, what the GPU kernel

@@ -1,4 +1,4 @@
-//! CPU reference for the RPN's post-head stages (torchvision-semantics.md §5–§6): anchors, box
+//! CPU reference for the RPN's post-head stages (docs/torchvision-semantics.md §5–§6): anchors, box
 //! decode, the per-level top-k of the raw logits and the filter chain that produces the candidates
 //! handed to batched NMS. Every decision (rounding, clamps, comparisons) mirrors torchvision's f32
 //! semantics; only exp/sigmoid are evaluated in f64 and rounded once, which makes them a better

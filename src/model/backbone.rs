@@ -331,5 +331,5 @@ impl<'a> BackboneBuilder<'a> {
     }
 }
 
-/// Reference-dump names of the FPN levels (design.md §5).
+/// Reference-dump names of the FPN levels (docs/design.md §5).
 pub const FPN_NAMES: [&str; 5] = ["fpn.0", "fpn.1", "fpn.2", "fpn.3", "fpn.pool"];

@@ -26,7 +26,8 @@ pub struct ModelConfig {
     pub frozen_bn_eps: f32,
     pub rpn: RpnConfig,
     pub box_head: BoxConfig,
-    /// Refinement-head settings (design.md §6); absent when the file has no `refine.*` tensors.
+    /// Refinement-head settings (docs/design.md §6); absent when the file has no `refine.*`
+    /// tensors.
     pub refine: Option<serde_json::Value>,
     /// The size (in native pixels, the longer side) of the fields the model was trained on.
     /// `marrow count --tile auto` cuts larger images into fields of this size; `None` = unknown.

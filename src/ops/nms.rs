@@ -1,5 +1,5 @@
 //! Non-maximum suppression on the GPU, decision-exact to torchvision's CPU `nms` and to both
-//! `batched_nms` paths (torchvision-semantics §7). Kernel: shaders/nms.wgsl; CPU reference:
+//! `batched_nms` paths (docs/torchvision-semantics.md §7). Kernel: shaders/nms.wgsl; CPU reference:
 //! [`crate::cpu::nms`].
 //!
 //! Inputs live in capacity-sized buffers with the live count on the GPU (a u32 at a given index),

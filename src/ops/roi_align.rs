@@ -1,4 +1,5 @@
-//! MultiScaleRoIAlign on the GPU (torchvision-semantics.md §8). Kernel: shaders/roi_align.wgsl.
+//! MultiScaleRoIAlign on the GPU (docs/torchvision-semantics.md §8). Kernel:
+//! shaders/roi_align.wgsl.
 //!
 //! Inputs: the FPN levels P2..P5 (NHWC tensors of the **padded** image), a capacity-sized boxes
 //! buffer `[capacity, 4]` f32 (x1, y1, x2, y2 in resized-image coordinates) and a `u32` count

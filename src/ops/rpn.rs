@@ -1,5 +1,5 @@
 //! The RPN's post-head stages on the GPU, torchvision-exact where decisions are discrete
-//! (torchvision-semantics.md §5–§6): per-level top-k of the raw objectness logits
+//! (docs/torchvision-semantics.md §5–§6): per-level top-k of the raw objectness logits
 //! ([`crate::ops::topk`]), decode of the selected anchors, sigmoid, clip to the resized image,
 //! `remove_small_boxes`, `score_thresh`, and an order-preserving compaction into fixed-capacity
 //! outputs (boxes [Kmax,4], scores [Kmax], level ids [Kmax] u32, live count u32) — the
