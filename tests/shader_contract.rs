@@ -1,4 +1,5 @@
-//! The Rust↔WGSL contract of every kernel variant the ops compile, checked without a GPU.
+//! The Rust↔WGSL contract of every kernel variant the ops compile, checked without a GPU (but for
+//! the last test, which uses the adapter to build the fixture model).
 //!
 //! The variants come from the ops themselves ([`all_variants`]: each op module's `variants()`).
 //! Each is composed exactly as the runtime composes it ([`wgsl::compose`]: the const header, the
@@ -16,8 +17,11 @@
 //!   that lavapipe could not show.
 //!
 //! Also: every `.wgsl` file and every `@compute` entry point in `shaders/` is covered by some
-//! variant, and the checker itself fails on a swapped binding, a reordered params field and a
-//! wrong access (so a passing run means something).
+//! variant; the checker itself fails on a swapped binding, a reordered params field and a wrong
+//! access (so a passing run means something); and the conv and pool variants the ops list include
+//! every one the model builder really compiles for the fixture model.
+
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -605,5 +609,59 @@ fn the_checker_catches_swapped_bindings_reordered_fields_and_wrong_access() {
     assert!(
         errs.iter().any(|e| e.contains("type f32 vs u32")),
         "{errs:#?}"
+    );
+}
+
+/// The conv and pool variants the ops list (their share of the variants checked above) include
+/// every one the model builder compiles for the test fixture model (ResNet-50, FPN 64, box head
+/// 1024, 4 classes, rebuilt from its seed): the graphs of the body + FPN, the RPN head and the box
+/// MLP, each layer with the tile it runs with. The adapter is used only to upload the weights.
+#[test]
+fn listed_conv_and_pool_variants_cover_the_fixture_model() {
+    use marrow::model::backbone::BackboneBuilder;
+    use marrow::model::graph::{Graph, Op};
+    use marrow::model::heads::{BoxMlp, RpnHead};
+    use marrow::ops::{conv, pool};
+
+    let gpu = common::gpu();
+    let dump = marrow::validate::RefDump::open(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/image_land_120x160.safetensors"),
+    )
+    .unwrap();
+    let ws = dump.seeded_weights().unwrap().unwrap();
+    let body = BackboneBuilder::new(gpu, &ws).unwrap();
+    let f = body.arch.fpn_channels;
+    let mut graphs = vec![body.full().unwrap()];
+    let mut g = Graph::default();
+    let levels: Vec<_> = (0..5).map(|i| g.input(&format!("p{i}"))).collect();
+    RpnHead::load(gpu, &ws, f).unwrap().add(&mut g, &levels);
+    graphs.push(g);
+    let mut g = Graph::default();
+    let rois = g.input("rois");
+    BoxMlp::load(gpu, &ws, f, 7).unwrap().add(&mut g, rois);
+    graphs.push(g);
+
+    let listed = |v: Vec<KernelVariant>| -> BTreeSet<String> {
+        v.iter().map(|v| format!("{:?}", v.consts)).collect()
+    };
+    let (convs, pools) = (listed(conv::variants()), listed(pool::variants()));
+    let mut nodes = 0;
+    let mut missing = Vec::new();
+    for node in graphs.iter().flat_map(|g| &g.nodes) {
+        nodes += 1;
+        let (consts, list) = match &node.op {
+            Op::Conv { op, .. } => (format!("{:?}", op.consts(op.tile())), &convs),
+            Op::Pool { op } => (format!("{:?}", op.consts()), &pools),
+        };
+        if !list.contains(&consts) {
+            missing.push(format!("{}: {consts}", node.name));
+        }
+    }
+    assert!(nodes > 50, "only {nodes} nodes built");
+    assert!(
+        missing.is_empty(),
+        "layers the model compiles but no op lists in variants():\n{}",
+        missing.join("\n")
     );
 }
