@@ -4,15 +4,18 @@
 //! [`wgpu::Buffer`] only.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
 pub use wgpu::Buffer;
 
+mod cache;
 mod tensor;
+pub use cache::{PipelineCacheReport, PipelineCacheSetting, SHADER_SOURCES};
 pub use tensor::{Nhwc, Tensor};
 pub mod wgsl;
 use wgsl::preprocess;
@@ -72,7 +75,93 @@ pub struct Dispatch {
     workgroups: [u32; 3],
 }
 
-type PipelineKey = (&'static str, String);
+/// (kernel name, entry point, `const` header): one compiled variant.
+type PipelineKey = (&'static str, &'static str, String);
+
+/// A kernel variant to compile ahead of use ([`Gpu::prepare_pipelines`]).
+pub type Variant = (Kernel, Vec<(&'static str, ConstVal)>);
+
+/// Where pipeline-creation time went (for `--timings`): every variant this process compiled.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PipelineStats {
+    /// Distinct variants compiled (shader module + compute pipeline each).
+    pub created: usize,
+    /// Seconds inside shader-module and pipeline creation, summed over threads.
+    pub create_secs: f64,
+    /// Wall-clock seconds of [`Gpu::prepare_pipelines`] calls (parallel compilation).
+    pub prepare_wall_secs: f64,
+    /// Requests answered from the in-memory map (a variant asked for again).
+    pub reused: usize,
+    /// Per kernel family: (name, variants, seconds), most seconds first.
+    pub per_kernel: Vec<(String, usize, f64)>,
+    /// The on-disk cache.
+    pub disk: PipelineCacheReport,
+}
+
+impl std::fmt::Display for PipelineStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pipelines: {} created in {:.3} s",
+            self.created, self.create_secs
+        )?;
+        if self.prepare_wall_secs > 0.0 {
+            write!(f, " ({:.3} s wall, in parallel)", self.prepare_wall_secs)?;
+        }
+        write!(f, ", {} reused", self.reused)?;
+        let top: Vec<String> = self
+            .per_kernel
+            .iter()
+            .take(4)
+            .map(|(n, c, s)| format!("{n} {c} in {s:.3} s"))
+            .collect();
+        if !top.is_empty() {
+            write!(f, " ({})", top.join(", "))?;
+        }
+        let d = &self.disk;
+        match (&d.path, d.enabled) {
+            (Some(p), true) => write!(
+                f,
+                "; pipeline cache {} ({} bytes loaded in {:.3} s{})",
+                p.display(),
+                d.loaded_bytes,
+                d.load_secs,
+                if d.saved_bytes > 0 {
+                    format!(", {} bytes saved", d.saved_bytes)
+                } else {
+                    String::new()
+                }
+            )?,
+            _ => write!(
+                f,
+                "; pipeline cache off ({})",
+                d.off_reason.as_deref().unwrap_or("unknown")
+            )?,
+        }
+        if let Some(w) = &d.warning {
+            write!(f, "; warning: {w}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct StatsInner {
+    created: usize,
+    create_secs: f64,
+    prepare_wall_secs: f64,
+    reused: usize,
+    per_kernel: HashMap<&'static str, (usize, f64)>,
+}
+
+/// The attached on-disk cache: the driver object, where it is saved, and its key.
+struct DiskCache {
+    cache: wgpu::PipelineCache,
+    path: PathBuf,
+    key: [u8; 32],
+    /// SHA-256 of the driver data last loaded or saved: a save of the same data writes nothing.
+    last: Mutex<Option<[u8; 32]>>,
+}
 
 pub struct Gpu {
     // Kept alive for the adapter's and device's lifetime.
@@ -84,6 +173,9 @@ pub struct Gpu {
     pub caps: GpuCaps,
     pub limits: wgpu::Limits,
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+    stats: Mutex<StatsInner>,
+    disk: Option<DiskCache>,
+    disk_report: Mutex<PipelineCacheReport>,
     lost: Arc<AtomicBool>,
     lost_reason: Arc<Mutex<String>>,
     uncaptured: Arc<Mutex<Option<String>>>,
@@ -145,8 +237,14 @@ fn rank(info: &wgpu::AdapterInfo) -> u32 {
 }
 
 impl Gpu {
-    /// Opens the best adapter (discrete > integrated > virtual > CPU), or the one `opts` names.
+    /// Opens the best adapter (discrete > integrated > virtual > CPU), or the one `opts` names,
+    /// with the on-disk pipeline cache the environment asks for ([`PipelineCacheSetting::FromEnv`]).
     pub fn new(opts: &GpuOptions) -> Result<Gpu> {
+        Gpu::with_pipeline_cache(opts, &PipelineCacheSetting::FromEnv)
+    }
+
+    /// [`Gpu::new`] with an explicit on-disk pipeline cache setting (tests, `--no-cache`).
+    pub fn with_pipeline_cache(opts: &GpuOptions, cache: &PipelineCacheSetting) -> Result<Gpu> {
         let instance = new_instance(opts.allow_gl);
         let adapters = pollster::block_on(instance.enumerate_adapters(backend_mask(opts.allow_gl)));
         let adapters: Vec<wgpu::Adapter> = adapters
@@ -194,7 +292,8 @@ impl Gpu {
         let want = wgpu::Features::SHADER_F16
             | wgpu::Features::SUBGROUP
             | wgpu::Features::TIMESTAMP_QUERY
-            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
+            | wgpu::Features::PIPELINE_CACHE;
         let features = have & want;
         // The adapter's real limits: wgpu's defaults cap storage bindings at 128 MiB and buffers at
         // 256 MiB, and full-size FPN levels and conv weights approach those.
@@ -239,6 +338,7 @@ impl Gpu {
             max_workgroup_storage: limits.max_compute_workgroup_storage_size,
             max_invocations: limits.max_compute_invocations_per_workgroup,
         };
+        let (disk, disk_report) = open_disk_cache(&device, &info, features, cache);
         Ok(Gpu {
             _instance: instance,
             adapter,
@@ -248,6 +348,9 @@ impl Gpu {
             caps,
             limits,
             pipelines: Mutex::new(HashMap::new()),
+            stats: Mutex::new(StatsInner::default()),
+            disk,
+            disk_report: Mutex::new(disk_report),
             lost,
             lost_reason,
             uncaptured,
@@ -328,25 +431,93 @@ impl Gpu {
     }
 
     /// The compiled pipeline for `kernel` with `consts` prepended as WGSL `const` declarations.
-    /// Cached by (kernel, consts). A WGSL error is reported with the kernel's name and variant.
+    /// Cached by (kernel, entry, consts). A WGSL error is reported with the kernel's name and
+    /// variant.
     pub fn pipeline(
         &self,
         kernel: &Kernel,
         consts: &[(&str, ConstVal)],
     ) -> Result<Arc<wgpu::ComputePipeline>> {
-        let mut header = String::new();
-        for (k, v) in consts {
-            header.push_str(&format!("const {k}: {} = {};\n", v.ty(), v.lit()));
-        }
-        let key = (kernel.name, header.clone());
-        if let Some(p) = self
-            .pipelines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
+        let header = const_header(consts);
+        let key = (kernel.name, kernel.entry, header);
+        if let Some(p) = self.lock_pipelines().get(&key) {
+            self.lock_stats().reused += 1;
             return Ok(p.clone());
         }
+        let p = self.compile(kernel, consts, &key.2)?;
+        // Another thread may have compiled the same variant meanwhile: keep the first.
+        Ok(self.lock_pipelines().entry(key).or_insert(p).clone())
+    }
+
+    /// Compiles the variants not compiled yet on up to `threads` threads (pipeline creation is
+    /// where a driver compiles; wgpu's device is shared across threads), so that building the
+    /// first plan finds them all. Duplicates in `variants` are compiled once. Returns how many
+    /// were compiled.
+    pub fn prepare_pipelines(&self, variants: &[Variant], threads: usize) -> Result<usize> {
+        let t = Instant::now();
+        let mut todo: Vec<(&Variant, String)> = Vec::new();
+        {
+            let have = self.lock_pipelines();
+            let mut seen = std::collections::HashSet::new();
+            for v in variants {
+                let header = const_header(&v.1);
+                let key = (v.0.name, v.0.entry, header.clone());
+                if !have.contains_key(&key) && seen.insert(key) {
+                    todo.push((v, header));
+                }
+            }
+        }
+        let n = todo.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        let threads = threads.clamp(1, n);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let first_err: Mutex<Option<Error>> = Mutex::new(None);
+        let work = || loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some((v, header)) = todo.get(i) else {
+                break;
+            };
+            match self.compile(&v.0, &v.1, header) {
+                Ok(p) => {
+                    self.lock_pipelines()
+                        .entry((v.0.name, v.0.entry, header.clone()))
+                        .or_insert(p);
+                }
+                Err(e) => {
+                    first_err
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(e);
+                    break;
+                }
+            }
+        };
+        if threads == 1 {
+            work();
+        } else {
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(work);
+                }
+            });
+        }
+        self.lock_stats().prepare_wall_secs += t.elapsed().as_secs_f64();
+        match first_err.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(n),
+        }
+    }
+
+    /// Creates one variant's shader module and pipeline (with the on-disk cache), timed.
+    fn compile(
+        &self,
+        kernel: &Kernel,
+        consts: &[(&str, ConstVal)],
+        header: &str,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let t = Instant::now();
         let label = if header.is_empty() {
             kernel.name.to_string()
         } else {
@@ -372,7 +543,7 @@ impl Gpu {
                 module: &module,
                 entry_point: Some(kernel.entry),
                 compilation_options: Default::default(),
-                cache: None,
+                cache: self.disk.as_ref().map(|d| &d.cache),
             });
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Shader {
@@ -380,20 +551,100 @@ impl Gpu {
                 message: e.to_string(),
             });
         }
-        let p = Arc::new(pipeline);
-        self.pipelines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, p.clone());
-        Ok(p)
+        let secs = t.elapsed().as_secs_f64();
+        let mut st = self.lock_stats();
+        st.created += 1;
+        st.create_secs += secs;
+        let k = st.per_kernel.entry(kernel.name).or_default();
+        k.0 += 1;
+        k.1 += secs;
+        Ok(Arc::new(pipeline))
+    }
+
+    fn lock_pipelines(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>> {
+        self.pipelines.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_stats(&self) -> std::sync::MutexGuard<'_, StatsInner> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Number of pipelines compiled so far (the cache's size; tests check reuse).
     pub fn pipeline_count(&self) -> usize {
-        self.pipelines
+        self.lock_pipelines().len()
+    }
+
+    /// Pipeline-creation counts and seconds so far, per kernel family, and what happened to the
+    /// on-disk cache. Its `Display` is one line for `--timings`.
+    pub fn pipeline_stats(&self) -> PipelineStats {
+        let st = self.lock_stats();
+        let mut per_kernel: Vec<(String, usize, f64)> = st
+            .per_kernel
+            .iter()
+            .map(|(n, (c, s))| (n.to_string(), *c, *s))
+            .collect();
+        per_kernel.sort_by(|a, b| b.2.total_cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
+        PipelineStats {
+            created: st.created,
+            create_secs: st.create_secs,
+            prepare_wall_secs: st.prepare_wall_secs,
+            reused: st.reused,
+            per_kernel,
+            disk: self.pipeline_cache_report(),
+        }
+    }
+
+    /// What happened to the on-disk pipeline cache so far.
+    pub fn pipeline_cache_report(&self) -> PipelineCacheReport {
+        self.disk_report
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .len()
+            .clone()
+    }
+
+    /// Writes the driver's pipeline cache to disk (atomically) if it changed since it was loaded
+    /// or last saved; call it after the first image and at exit. Never fails: a cache that cannot
+    /// be written costs only start-up time next run, so the problem is returned as a warning (and
+    /// kept in [`Gpu::pipeline_cache_report`]). Returns the file written, if any.
+    pub fn save_pipeline_cache(&self) -> std::result::Result<Option<PathBuf>, String> {
+        let Some(d) = &self.disk else {
+            return Ok(None);
+        };
+        if self.lost.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let Some(data) = d.cache.get_data() else {
+            return Ok(None);
+        };
+        let sum = cache::sha256(&data);
+        let mut last = d.last.lock().unwrap_or_else(|e| e.into_inner());
+        if *last == Some(sum) || data.is_empty() {
+            return Ok(None);
+        }
+        match cache::write_atomic(&d.path, &cache::encode(&d.key, &data)) {
+            Ok(()) => {
+                *last = Some(sum);
+                cache::remove_stale(&d.path);
+                self.disk_report
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .saved_bytes = data.len() as u64;
+                Ok(Some(d.path.clone()))
+            }
+            Err(e) => {
+                let w = format!(
+                    "could not write the pipeline cache {}: {e}",
+                    d.path.display()
+                );
+                self.disk_report
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .warning = Some(w.clone());
+                Err(w)
+            }
+        }
     }
 
     /// Records one dispatch. Binding 0 is `params` when given (a uniform); the storage buffers
@@ -621,6 +872,134 @@ impl Gpu {
             &parts.pop().unwrap_or_default(),
         ))
     }
+}
+
+/// The `const` declarations that make a variant (also its cache key).
+fn const_header(consts: &[(&str, ConstVal)]) -> String {
+    let mut header = String::new();
+    for (k, v) in consts {
+        header.push_str(&format!("const {k}: {} = {};\n", v.ty(), v.lit()));
+    }
+    header
+}
+
+/// Opens the on-disk pipeline cache for this device, if the setting, the backend and the
+/// device's features allow one. A missing file is a first run; an unusable one is a warning.
+fn open_disk_cache(
+    device: &wgpu::Device,
+    info: &wgpu::AdapterInfo,
+    features: wgpu::Features,
+    setting: &PipelineCacheSetting,
+) -> (Option<DiskCache>, PipelineCacheReport) {
+    let mut report = PipelineCacheReport::default();
+    let dir = match setting.resolve() {
+        Ok(d) => d,
+        Err(why) => {
+            report.off_reason = Some(why);
+            return (None, report);
+        }
+    };
+    if !features.contains(wgpu::Features::PIPELINE_CACHE) {
+        report.off_reason = Some(format!("{:?} backend has no pipeline cache", info.backend));
+        return (None, report);
+    }
+    let key = cache::cache_key(info);
+    let Some(path) = cache::cache_file(&dir, info, &key) else {
+        report.off_reason = Some(format!(
+            "wgpu keeps no pipeline cache for the {:?} backend",
+            info.backend
+        ));
+        return (None, report);
+    };
+    report.path = Some(path.clone());
+    let t = Instant::now();
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => Some(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            report.warning = Some(format!(
+                "ignoring the pipeline cache {}: {e}",
+                path.display()
+            ));
+            None
+        }
+    };
+    let payload = match &bytes {
+        Some(b) => match cache::decode(&key, b) {
+            Ok(p) => Some(p),
+            Err(why) => {
+                report.warning = Some(format!(
+                    "ignoring the pipeline cache {}: {why}; it will be rebuilt",
+                    path.display()
+                ));
+                None
+            }
+        },
+        None => None,
+    };
+    let create = |data: Option<&[u8]>| {
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        // SAFETY: `data` is what `PipelineCache::get_data` returned for an adapter with the same
+        // wgpu cache key (the file name) and the same driver (the envelope's key), checked for
+        // integrity by its SHA-256; wgpu validates its own header and falls back on a mismatch.
+        let c = unsafe {
+            device.create_pipeline_cache(&wgpu::PipelineCacheDescriptor {
+                label: Some("marrow pipeline cache"),
+                data,
+                fallback: true,
+            })
+        };
+        (c, pollster::block_on(scope.pop()))
+    };
+    let mut last = None;
+    let cache = match payload {
+        Some(p) => match create(Some(p)) {
+            (c, None) => {
+                report.loaded_bytes = p.len() as u64;
+                last = Some(cache::sha256(p));
+                c
+            }
+            (_, Some(e)) => {
+                let e = e
+                    .to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                report.warning = Some(format!(
+                    "ignoring the pipeline cache {}: wgpu rejected it ({e}); it will be rebuilt",
+                    path.display()
+                ));
+                match create(None) {
+                    (c, None) => c,
+                    (_, Some(e)) => {
+                        report.off_reason = Some(format!("creating a pipeline cache failed: {e}"));
+                        return (None, report);
+                    }
+                }
+            }
+        },
+        None => match create(None) {
+            (c, None) => c,
+            (_, Some(e)) => {
+                report.off_reason = Some(format!("creating a pipeline cache failed: {e}"));
+                return (None, report);
+            }
+        },
+    };
+    report.load_secs = t.elapsed().as_secs_f64();
+    report.enabled = true;
+    if let Some(w) = &report.warning {
+        eprintln!("warning: {w}");
+    }
+    (
+        Some(DiskCache {
+            cache,
+            path,
+            key,
+            last: Mutex::new(last),
+        }),
+        report,
+    )
 }
 
 /// A value for a WGSL `const` declaration in a kernel variant.

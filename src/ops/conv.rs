@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::gpu::{ConstVal, Dispatch, Gpu, Kernel, Nhwc, Tensor};
+use crate::gpu::{ConstVal, Dispatch, Gpu, Kernel, Nhwc, Tensor, Variant};
 use crate::ops::contract::{params_struct, Binding, HostStruct, KernelIo, KernelVariant, Uniform};
 
 pub const KERNEL: Kernel = Kernel {
@@ -295,31 +295,12 @@ impl Conv2d {
 
     /// The pipeline of a given tile (one cached variant per layer shape, epilogue and tile).
     pub fn pipeline_for(&self, gpu: &Gpu, tile: ConvTile) -> Result<Arc<wgpu::ComputePipeline>> {
-        let u = |v: usize| ConstVal::U32(v as u32);
-        let (rm, rn) = tile.block();
-        gpu.pipeline(
-            &KERNEL,
-            &[
-                ("KH", u(self.kh)),
-                ("KW", u(self.kw)),
-                ("STRIDE", u(self.stride)),
-                ("PAD", u(self.pad)),
-                ("CIN", u(self.cin)),
-                ("COUT", u(self.cout)),
-                ("RELU", ConstVal::Bool(self.relu)),
-                ("RM", u(rm)),
-                ("RN", u(rn)),
-                ("RESIDUAL", ConstVal::Bool(self.residual != Residual::None)),
-                (
-                    "RES_MODE",
-                    ConstVal::U32(match self.residual {
-                        Residual::None => 0,
-                        Residual::Same => 1,
-                        Residual::Nearest => 2,
-                    }),
-                ),
-            ],
-        )
+        IO.pipeline(gpu, &self.consts(tile))
+    }
+
+    /// The kernel variant of this layer with a given tile, for [`Gpu::prepare_pipelines`].
+    pub fn variant(&self, tile: ConvTile) -> Variant {
+        (KERNEL, self.consts(tile))
     }
 
     /// The consts of this layer's kernel variant with a given tile.

@@ -1,7 +1,7 @@
 //! Max pooling (stem 3x3/2 and FPN LastLevelMaxPool). Kernel: shaders/pool.wgsl.
 
 use crate::error::{Error, Result};
-use crate::gpu::{ConstVal, Dispatch, Gpu, Kernel, Nhwc, Tensor};
+use crate::gpu::{ConstVal, Dispatch, Gpu, Kernel, Nhwc, Tensor, Variant};
 use crate::ops::contract::{params_struct, Binding, HostStruct, KernelIo, KernelVariant, Uniform};
 
 pub const KERNEL: Kernel = Kernel {
@@ -73,6 +73,11 @@ impl MaxPool2d {
             (x.w + 2 * self.pad - self.ksize) / self.stride + 1,
             x.c,
         ))
+    }
+
+    /// This pool's kernel variant, for [`Gpu::prepare_pipelines`].
+    pub fn variant(&self) -> Variant {
+        (KERNEL, self.consts())
     }
 
     /// The consts of this pool's kernel variant.
