@@ -180,7 +180,14 @@ pub fn run_count(a: &CountArgs, open_gpu: impl FnOnce() -> Result<Gpu>) -> Resul
             }
             Ok(c)
         });
-        first_image.get_or_insert(t.elapsed().as_secs_f64());
+        if first_image.is_none() {
+            first_image = Some(t.elapsed().as_secs_f64());
+            // Keep the compiled pipelines for the next run (a no-op where the backend has no
+            // pipeline cache); failing to write it is a warning, never an error.
+            if let Err(w) = gpu.save_pipeline_cache() {
+                eprintln!("warning: {w}");
+            }
+        }
         match entry {
             Ok(c) => {
                 progress.tick(&file, &format!("{} cells", c.total));
@@ -207,6 +214,7 @@ pub fn run_count(a: &CountArgs, open_gpu: impl FnOnce() -> Result<Gpu>) -> Resul
             first_image.unwrap_or(0.0),
             n as f64 / batch_secs.max(1e-9)
         );
+        eprintln!("pipelines: {}", gpu.pipeline_stats());
     }
     Ok(if rep.summary.failed_images > 0 {
         ExitCode::from(1)

@@ -29,8 +29,10 @@ pub struct ModelConfig {
     /// Refinement-head settings (docs/design.md §6); absent when the file has no `refine.*`
     /// tensors.
     pub refine: Option<serde_json::Value>,
-    /// The size (in native pixels, the longer side) of the fields the model was trained on.
-    /// `marrow count --tile auto` cuts larger images into fields of this size; `None` = unknown.
+    /// The side (native pixels) of a square field that the transform scales as it scaled a
+    /// typical training image: the median short side of the training images, which the transform
+    /// maps to `min_size`. `marrow count --tile auto` cuts images larger than 1.5× this into
+    /// fields of this size, so cells appear at the training scale; `None` = unknown (no cutting).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<u32>,
     /// Optional lineage of each class, by class name: `"myeloid"` or `"erythroid"` (other values
