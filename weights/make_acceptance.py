@@ -4,7 +4,7 @@ fasterrcnn_resnet50_fpn (FPN 256, default 800/1333 transform, FrozenBN eps 0, no
 statistics from seedgen), saved as a .pth state_dict, converted with convert.py (f32 and --half),
 and a reference dump on a real image.
 
-    python3 weights/make_acceptance.py [--out /tmp/marrow-accept] [--image IMG] [--num-classes 4]
+    python3 weights/make_acceptance.py [--out marrow-accept] [--image IMG | --data TXL-PBC] [--num-classes 4]
 
 Writes OUT/model.pth, OUT/model.safetensors, OUT/model_f16.safetensors, OUT/ref.safetensors.
 """
@@ -43,15 +43,18 @@ def torchvision_model(num_classes: int):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default="/tmp/marrow-accept")
-    ap.add_argument("--image")
+    ap.add_argument("--out", default="marrow-accept")
+    ap.add_argument("--image", help="default: the first image of DATA/images/val")
+    ap.add_argument("--data", help="TXL-PBC root (its YOLO layout)")
     ap.add_argument("--num-classes", type=int, default=4)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     os.makedirs(a.out, exist_ok=True)
     image = a.image
     if image is None:
-        d = "/work/shared/data/txl-pbc/images/val"
+        if a.data is None:
+            raise SystemExit("error: pass --image IMG or --data TXL-PBC_ROOT")
+        d = os.path.join(a.data, "images", "val")
         image = os.path.join(d, sorted(os.listdir(d))[0])
 
     model = torchvision_model(a.num_classes)
