@@ -214,7 +214,7 @@ pub fn run_count(a: &CountArgs, open_gpu: impl FnOnce() -> Result<Gpu>) -> Resul
             first_image.unwrap_or(0.0),
             n as f64 / batch_secs.max(1e-9)
         );
-        eprintln!("pipelines: {}", gpu.pipeline_stats());
+        eprintln!("{}", gpu.pipeline_stats());
     }
     Ok(if rep.summary.failed_images > 0 {
         ExitCode::from(1)
