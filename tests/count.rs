@@ -15,6 +15,7 @@ use marrow::count::tiling::{self, Field};
 use marrow::count::{merge_fields, CountOptions, Counter, Model, Tiling};
 use marrow::image_io::Rgb8;
 use marrow::model::detector::Detector;
+use marrow::validate::matching::iou;
 
 const SEEDED: &str = "tests/fixtures/seeded_model.safetensors";
 
@@ -23,14 +24,6 @@ fn tmp_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
-    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
-    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
-    let inter = iw * ih;
-    let area = |r: &[f32; 4]| (r[2] - r[0]) * (r[3] - r[1]);
-    inter / (area(a) + area(b) - inter)
 }
 
 /// Simulated fields: every field "detects" each cell it overlaps, its box jittered by a few

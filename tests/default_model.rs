@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 
 use marrow::count::{CountOptions, Counter, Model, Tiling};
-use marrow::validate::matching::{self, Det};
+use marrow::validate::matching::{self, iou, Det};
 use marrow::validate::set_tol;
 
 #[cfg(feature = "builtin-model")]
@@ -139,13 +139,6 @@ fn yolo_boxes(stem: &str, w: f32, h: f32) -> Vec<([f32; 4], usize)> {
             )
         })
         .collect()
-}
-
-fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
-    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
-    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
-    let i = iw * ih;
-    i / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - i)
 }
 
 /// A 2×2 mosaic (1280×960) of the two 640×480 example fields, counted with the model's automatic

@@ -154,12 +154,9 @@ pub fn run_count(a: &CountArgs, open_gpu: impl FnOnce() -> Result<Gpu>) -> Resul
         input_indices: indices.clone(),
     };
 
-    let threads = a.decode_threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get().saturating_sub(1))
-            .unwrap_or(1)
-            .max(1)
-    });
+    let threads = a
+        .decode_threads
+        .unwrap_or_else(batch::default_decode_threads);
     let paths: Vec<PathBuf> = indices.iter().map(|&i| all[i].clone()).collect();
     // Output names per input, decided once so that equal stems from different folders get
     // distinct annotated PNGs, matching the GeoJSON names.

@@ -161,8 +161,7 @@ pub fn run_eval(a: &EvalArgs, open_gpu: impl FnOnce() -> Result<Gpu>) -> Result<
     let mut counter = Counter::new(&gpu, model, opts)?;
     let mut progress = batch::Progress::new(paths.len(), a.quiet);
     let mut failed = Vec::new();
-    let threads =
-        std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1));
+    let threads = batch::default_decode_threads();
     for d in batch::decode_ahead(paths.clone(), threads) {
         let file = d.path.display().to_string();
         match d.image.and_then(|img| counter.count(&file, &img)) {

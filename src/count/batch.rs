@@ -99,6 +99,13 @@ impl Shard {
     }
 }
 
+/// Decode threads when the user names none: every core but the one feeding the GPU, at least 1.
+pub fn default_decode_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get().saturating_sub(1))
+        .max(1)
+}
+
 /// One decoded input, in input order.
 pub struct Decoded {
     /// Position in the list handed to [`decode_ahead`].

@@ -305,8 +305,7 @@ impl Summary {
         results: impl IntoIterator<Item = std::result::Result<&'a ImageCount, ()>>,
         target: Option<usize>,
     ) -> Summary {
-        let mut counts: BTreeMap<String, usize> =
-            model.classes.iter().map(|c| (c.clone(), 0)).collect();
+        let mut counts = model.zero_counts();
         let (mut images, mut ok) = (0, 0);
         for r in results {
             images += 1;
@@ -317,18 +316,38 @@ impl Summary {
                 }
             }
         }
-        let total = counts.values().sum();
+        let (total, differential, me_ratio) = model.derive(&counts);
         Summary {
             images,
             counted_images: ok,
             failed_images: images - ok,
-            differential: stats::differential(&model.classes, &counts),
-            me_ratio: stats::me_ratio(model.lineage.as_ref(), &counts),
+            differential,
+            me_ratio,
             counts,
             total,
             target,
             target_reached: target.map(|t| total >= t),
         }
+    }
+}
+
+impl ModelInfo {
+    /// Every class of the model with a zero count (reports always carry every class).
+    fn zero_counts(&self) -> BTreeMap<String, usize> {
+        self.classes.iter().map(|c| (c.clone(), 0)).collect()
+    }
+
+    /// What a report derives from per-class counts: the total, the differential and the M:E
+    /// ratio (one place for images and batch summaries alike).
+    fn derive(
+        &self,
+        counts: &BTreeMap<String, usize>,
+    ) -> (usize, BTreeMap<String, Share>, Option<f64>) {
+        (
+            counts.values().sum(),
+            stats::differential(&self.classes, counts),
+            stats::me_ratio(self.lineage.as_ref(), counts),
+        )
     }
 }
 
@@ -342,8 +361,7 @@ pub fn image_count(
     detections: Vec<(usize, [f32; 4], f32)>,
     tiles: Option<TileInfo>,
 ) -> ImageCount {
-    let mut counts: BTreeMap<String, usize> =
-        model.classes.iter().map(|c| (c.clone(), 0)).collect();
+    let mut counts = model.zero_counts();
     let cells: Vec<Cell> = detections
         .into_iter()
         .map(|(label, bbox, score)| {
@@ -365,13 +383,13 @@ pub fn image_count(
             }
         })
         .collect();
-    let total = counts.values().sum();
+    let (total, differential, me_ratio) = model.derive(&counts);
     ImageCount {
         file: file.to_string(),
         width,
         height,
-        differential: stats::differential(&model.classes, &counts),
-        me_ratio: stats::me_ratio(model.lineage.as_ref(), &counts),
+        differential,
+        me_ratio,
         counts,
         total,
         tiles,
