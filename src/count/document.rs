@@ -105,6 +105,65 @@ impl Report {
     }
 }
 
+/// A reviewed case (`marrow serve`'s export): the corrected counts as a plain [`Report`] (its
+/// fields at the top level, so every reader of count reports reads this too: [`Report::read`],
+/// `marrow merge`, the CSV writer) plus `review`: who reviewed, whether the case is signed off,
+/// what the model said, and every cell the reviewer changed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReviewedReport {
+    #[serde(flatten)]
+    pub report: Report,
+    pub review: Review,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Review {
+    /// The case's name (its image folder) and case folder.
+    pub case: String,
+    pub case_dir: String,
+    /// "signed off" or "in review".
+    pub status: String,
+    /// Who signed the case off, and when (RFC 3339), when it is.
+    pub signed_off_by: Option<String>,
+    pub signed_off_at: Option<String>,
+    /// Everyone who changed a cell, in order of first change.
+    pub reviewers: Vec<String>,
+    /// When this export was made (RFC 3339).
+    pub exported_at: String,
+    /// The audit log (JSONL, one event a line) and how many events it held at export.
+    pub audit_log: String,
+    pub audit_events: usize,
+    /// The model's own totals over the case, before any correction.
+    pub model_summary: Summary,
+    /// Every cell whose reviewed state differs from the model's, in image order.
+    pub changes: Vec<CellChange>,
+}
+
+/// One cell the reviewer changed: what the model said and what the reviewer decided.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CellChange {
+    pub image: String,
+    /// The cell's id in the case (`d<n>` = the model's n-th detection, `a<n>` = drawn by hand).
+    pub cell: String,
+    /// "reclassified", "deleted", "added", "confirmed" (an uncounted detection counted as is) or
+    /// "uncounted".
+    pub change: String,
+    pub model: Option<CellState>,
+    pub reviewed: Option<CellState>,
+}
+
+/// A cell's class and whether it is counted, as the model or the reviewer left it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CellState {
+    pub class: String,
+    pub label: usize,
+    pub counted: bool,
+    pub bbox: [f32; 4],
+    /// The model's confidence; absent for a cell drawn by the reviewer.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub score: Option<f32>,
+}
+
 /// Combines shard reports of one run into one report in the original input order. Refuses
 /// reports made with different models, thresholds or input lists, overlapping shards, and (unless
 /// `allow_partial`) a union that does not cover the input list.

@@ -332,6 +332,14 @@ impl Summary {
 }
 
 impl ModelInfo {
+    /// The class name of a model label (1-based); `class_N` for a label the model does not name.
+    pub fn class_name(&self, label: usize) -> String {
+        self.classes
+            .get(label.wrapping_sub(1))
+            .cloned()
+            .unwrap_or_else(|| format!("class_{label}"))
+    }
+
     /// Every class of the model with a zero count (reports always carry every class).
     fn zero_counts(&self) -> BTreeMap<String, usize> {
         self.classes.iter().map(|c| (c.clone(), 0)).collect()
@@ -361,28 +369,34 @@ pub fn image_count(
     detections: Vec<(usize, [f32; 4], f32)>,
     tiles: Option<TileInfo>,
 ) -> ImageCount {
-    let mut counts = model.zero_counts();
     let cells: Vec<Cell> = detections
         .into_iter()
-        .map(|(label, bbox, score)| {
-            let class = model
-                .classes
-                .get(label.wrapping_sub(1))
-                .cloned()
-                .unwrap_or_else(|| format!("class_{label}"));
-            let counted = score >= threshold && label >= 1;
-            if counted {
-                *counts.entry(class.clone()).or_insert(0) += 1;
-            }
-            Cell {
-                bbox,
-                class,
-                label,
-                score,
-                counted,
-            }
+        .map(|(label, bbox, score)| Cell {
+            bbox,
+            class: model.class_name(label),
+            label,
+            score,
+            counted: score >= threshold && label >= 1,
         })
         .collect();
+    tally(model, file, width, height, cells, tiles)
+}
+
+/// Builds an [`ImageCount`] from cells whose `counted` flags are already decided: the model's
+/// rule in [`image_count`], or a reviewer's corrections in `marrow serve`. Counts, total,
+/// differential and M:E ratio are derived here and only here.
+pub fn tally(
+    model: &ModelInfo,
+    file: &str,
+    width: u32,
+    height: u32,
+    cells: Vec<Cell>,
+    tiles: Option<TileInfo>,
+) -> ImageCount {
+    let mut counts = model.zero_counts();
+    for c in cells.iter().filter(|c| c.counted) {
+        *counts.entry(c.class.clone()).or_insert(0) += 1;
+    }
     let (total, differential, me_ratio) = model.derive(&counts);
     ImageCount {
         file: file.to_string(),

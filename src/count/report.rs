@@ -304,6 +304,67 @@ pub fn coco_results(report: &Report) -> Value {
     Value::Array(out)
 }
 
+/// The counted cells of every counted image as COCO *ground truth* (`images`, `annotations`,
+/// `categories`), the form `weights/train.py --coco-train/--coco-val` and pycocotools read: a
+/// reviewed case exported this way is training data.
+///
+/// `image_id` is the image's 1-based position in `report.images`; `file_name` is the report's
+/// file name (relative to the case folder for `marrow serve` exports: pass that folder as
+/// `--coco-images`); `category_id` is the model label, `categories` every model class;
+/// `bbox` is `[x, y, width, height]` in original-image pixels; `iscrowd` is 0.
+pub fn coco_ground_truth(report: &Report) -> Value {
+    let mut images = Vec::new();
+    let mut annotations = Vec::new();
+    for (i, entry) in report.images.iter().enumerate() {
+        let Some(ic) = entry.counted() else { continue };
+        images.push(json!({
+            "id": i + 1, "file_name": ic.file, "width": ic.width, "height": ic.height,
+        }));
+        for d in ic.detections.iter().filter(|d| d.counted) {
+            let [x1, y1, x2, y2] = d.bbox;
+            annotations.push(json!({
+                "id": annotations.len() + 1,
+                "image_id": i + 1,
+                "category_id": d.label,
+                "bbox": [num(x1), num(y1), num(x2 - x1), num(y2 - y1)],
+                "area": num((x2 - x1) * (y2 - y1)),
+                "iscrowd": 0,
+            }));
+        }
+    }
+    let categories: Vec<Value> = report
+        .provenance
+        .model
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| json!({"id": i + 1, "name": c}))
+        .collect();
+    json!({"images": images, "annotations": annotations, "categories": categories})
+}
+
+/// The counted cells of one image as a YOLO label file: one `class cx cy w h` line per cell,
+/// class = model label − 1 (class 0 first, the order of `classes.txt`), centre and size
+/// normalised to [0, 1] by the image's width and height, six decimals.
+pub fn yolo_label_text(image: &ImageCount) -> String {
+    let (w, h) = (image.width.max(1) as f32, image.height.max(1) as f32);
+    let mut out = String::new();
+    for d in image
+        .detections
+        .iter()
+        .filter(|d| d.counted && d.label >= 1)
+    {
+        let [x1, y1, x2, y2] = d.bbox;
+        let (cx, cy) = ((x1 + x2) / 2.0 / w, (y1 + y2) / 2.0 / h);
+        let (bw, bh) = ((x2 - x1) / w, (y2 - y1) / h);
+        out.push_str(&format!(
+            "{} {cx:.6} {cy:.6} {bw:.6} {bh:.6}\n",
+            d.label - 1
+        ));
+    }
+    out
+}
+
 /// Writes [`coco_results`] to `path`, one detection per line.
 pub fn write_coco(path: &Path, report: &Report) -> Result<()> {
     write_file(path, json_lines(&coco_results(report)).as_bytes())
@@ -494,6 +555,36 @@ mod tests {
         );
         assert!(parts[2].starts_with('8'), "version 8: {a}");
         assert!("89ab".contains(&parts[3][..1]), "variant 10: {a}");
+    }
+
+    #[test]
+    fn yolo_lines_are_normalised_and_zero_based() {
+        let cell = |label, bbox, counted| super::super::Cell {
+            bbox,
+            class: String::new(),
+            label,
+            score: 0.9,
+            counted,
+        };
+        let ic = ImageCount {
+            file: "f.png".into(),
+            width: 200,
+            height: 100,
+            counts: Default::default(),
+            total: 0,
+            differential: Default::default(),
+            me_ratio: None,
+            tiles: None,
+            detections: vec![
+                cell(1, [0.0, 0.0, 20.0, 10.0], true),
+                cell(3, [100.0, 50.0, 200.0, 100.0], true),
+                cell(2, [10.0, 10.0, 30.0, 30.0], false),
+            ],
+        };
+        assert_eq!(
+            yolo_label_text(&ic),
+            "0 0.050000 0.050000 0.100000 0.100000\n2 0.750000 0.750000 0.500000 0.500000\n"
+        );
     }
 
     #[test]
