@@ -15,6 +15,7 @@ pub mod image_io;
 pub mod model;
 pub mod ops;
 pub mod seedgen;
+pub mod serve;
 pub mod validate;
 
 pub use error::{Error, Result};

@@ -78,6 +78,9 @@ enum Cmd {
         #[arg(long)]
         allow_partial: bool,
     },
+    /// The review workstation: a local web app in which a person checks, corrects, tallies and
+    /// signs off the counts of folders of fields (open the printed address in a browser).
+    Serve(cli::serve::ServeArgs),
     /// Run transform + ResNet body + FPN on an image and print the feature pyramid and timing.
     Features {
         image: PathBuf,
@@ -123,6 +126,13 @@ fn run(cli: Cli) -> marrow::Result<ExitCode> {
     match &cli.cmd {
         Cmd::Count(a) => cli::count::run_count(a, || open_gpu(&cli)),
         Cmd::Eval(a) => cli::eval::run_eval(a, || open_gpu(&cli)),
+        Cmd::Serve(a) => cli::serve::run_serve(
+            a,
+            GpuOptions {
+                adapter: cli.adapter.clone(),
+                allow_gl: cli.allow_gl,
+            },
+        ),
         Cmd::Merge {
             reports,
             out,

@@ -1,2 +1,3 @@
 pub mod count;
 pub mod eval;
+pub mod serve;
