@@ -76,8 +76,10 @@ impl Browser {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", exe.display()));
-        // Chromium prints "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/ID".
         let stderr = child.stderr.take().unwrap();
+        // Killed on any failure below (a panic before `Browser` exists would leave it running).
+        let mut guard = ChildGuard(Some(child));
+        // Chromium prints "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/ID".
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -114,7 +116,7 @@ impl Browser {
             s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
         }
         let mut b = Browser {
-            child,
+            child: guard.0.take().unwrap(),
             ws,
             next_id: 1,
         };
@@ -240,6 +242,18 @@ impl Browser {
         assert!(png.starts_with(b"\x89PNG"));
         std::fs::write(path, png).unwrap();
         eprintln!("screenshot: {}", path.display());
+    }
+}
+
+/// Kills a child process when dropped, unless taken.
+struct ChildGuard(Option<Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -410,6 +424,8 @@ fn review_in_a_real_browser() {
         assert_eq!(&api_now["count"]["counts"][class], n, "{class}");
     }
     assert_eq!(api_now["count"]["total"], expected);
+    // The confirmation toast would cover the field in the screenshots.
+    b.eval("document.getElementById('toast').hidden = true");
     b.screenshot(&shots.join("review.png"));
 
     // The gallery: crops of every cell, per class.

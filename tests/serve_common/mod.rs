@@ -214,12 +214,39 @@ pub fn try_request(
     s.write_all(head.as_bytes())?;
     // A server may answer (413) before reading a large body and close: not an error here.
     let _ = s.write_all(body);
+    // Read the header, then the body: Content-Length bytes when given (a server may keep the
+    // connection open despite `Connection: close`), else to the end.
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no HTTP header in the answer"))?;
+    let mut buf = [0u8; 16384];
+    let split = loop {
+        if let Some(p) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p;
+        }
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::Error::other("no HTTP header in the answer"));
+        }
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let length = String::from_utf8_lossy(&raw[..split])
+        .split("\r\n")
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok());
+    match length {
+        Some(len) => {
+            while raw.len() < split + 4 + len {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                raw.extend_from_slice(&buf[..n]);
+            }
+        }
+        None => {
+            s.read_to_end(&mut raw)?;
+        }
+    }
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.split("\r\n");
     let status: u16 = lines
