@@ -344,6 +344,10 @@ fn review_in_a_real_browser() {
         .unwrap();
     b.key("Enter");
 
+    // The model's output as the reviewer first sees it (the first cell selected), once the
+    // queue bar's animation has ended.
+    std::thread::sleep(Duration::from_millis(500));
+    b.screenshot(&shots.join("review.png"));
     let s0 = page_state(&mut b);
     assert_eq!(s0["imgTotal"], api_view["count"]["total"]);
     let t_model = s0["imgTotal"].as_u64().unwrap();
@@ -426,7 +430,6 @@ fn review_in_a_real_browser() {
     assert_eq!(api_now["count"]["total"], expected);
     // The confirmation toast would cover the field in the screenshots.
     b.eval("document.getElementById('toast').hidden = true");
-    b.screenshot(&shots.join("review.png"));
 
     // The gallery: crops of every cell, per class.
     b.key("g");

@@ -494,7 +494,8 @@ async fn session(State(app): State<Shared>) -> Json<Value> {
         "model": {"file": app.model.file, "sha256": app.model.sha256},
         "classes": classes,
         "me_ratio_defined": app.model.lineage.is_some(),
-        "threshold": app.threshold,
+        // As typed (0.7), not as the f32 it is stored in (0.699999988…).
+        "threshold": (f64::from(app.threshold) * 1e6).round() / 1e6,
         "near_fraction": crate::count::annotate::NEAR_FRACTION,
         "target": app.target,
         "max_upload": app.max_upload,

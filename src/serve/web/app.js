@@ -368,8 +368,35 @@ function cellAt(sx, sy) {
   return best;
 }
 
+// The mouse user's way to correct: a click on a cell offers its classes (the keys do the same).
+function showPicker(c) {
+  const p = $("picker");
+  p.innerHTML = "";
+  const add = (label, html, fn) => {
+    const b = document.createElement("button");
+    b.innerHTML = html; b.title = label;
+    b.addEventListener("mousedown", (e) => e.stopPropagation());
+    b.addEventListener("click", (e) => { e.stopPropagation(); hidePicker(); fn(); });
+    p.appendChild(b);
+    return b;
+  };
+  for (const cl of S.session.classes) {
+    const b = add(`${cl.name} (${cl.label})`, `<i></i>${esc(cl.name)}`, () => editSelected({ op: "reclassify", label: cl.label }, false));
+    b.querySelector("i").style.background = rgb(cl.colour);
+  }
+  if (c.deleted) add("restore (r)", "restore", () => editSelected({ op: "restore" }, false));
+  else add("delete (x)", "delete", () => editSelected({ op: "delete" }, false));
+  const [, y2] = toScreen(c.bbox[2], c.bbox[3]);
+  const [x1] = toScreen(c.bbox[0], c.bbox[1]);
+  p.style.left = `${Math.max(4, x1)}px`; p.style.top = `${y2 + 6}px`;
+  p.hidden = false;
+}
+function hidePicker() { $("picker").hidden = true; }
+document.addEventListener("keydown", hidePicker, true);
+
 canvas.addEventListener("mousedown", (e) => {
   canvas.focus();
+  hidePicker();
   const r = canvas.getBoundingClientRect();
   const sx = e.clientX - r.left, sy = e.clientY - r.top;
   drag = { mode: S.draw ? "draw" : "pan", x0: sx, y0: sy, x: sx, y: sy, px: S.panX, py: S.panY, moved: false };
@@ -406,6 +433,7 @@ window.addEventListener("mouseup", async (e) => {
     const c = cellAt(d.x0, d.y0);
     S.sel = c ? { image: S.idx, cell: c.id } : null;
     renderCellInfo(); draw();
+    if (c) showPicker(c);
   }
 });
 canvas.addEventListener("wheel", (e) => {
@@ -697,6 +725,17 @@ window.addEventListener("drop", (e) => {
   if (e.dataTransfer && e.dataTransfer.files.length) upload([...e.dataTransfer.files]);
 });
 $("file-input").addEventListener("change", (e) => { upload([...e.target.files]); e.target.value = ""; });
+// A folder chosen in the browser: its images, in name order (other files are skipped).
+$("folder-input").addEventListener("change", (e) => {
+  const files = [...e.target.files]
+    .filter((f) => /\.(png|jpe?g|tiff?|bmp)$/i.test(f.name) && !/(^|\/)\./.test(f.webkitRelativePath || f.name))
+    .sort((a, b) => (a.webkitRelativePath || a.name).localeCompare(b.webkitRelativePath || b.name));
+  if (!files.length) toast("No images (PNG, JPEG, TIFF, BMP) in that folder.");
+  upload(files);
+  e.target.value = "";
+});
+// After a click on a button the keys belong to the review again (Enter must not re-press it).
+document.addEventListener("click", (e) => { if (e.target.closest("button")) canvas.focus(); });
 
 // ---------------------------------------------------------------------------------------------
 // Buttons, sign-off, export
