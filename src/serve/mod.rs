@@ -203,7 +203,7 @@ pub fn run(cfg: ServeConfig, model: Model) -> Result<()> {
         cfg.gpu.clone(),
         cases.clone(),
         queue.clone(),
-    );
+    )?;
     for (ci, c) in cases.iter().enumerate() {
         let c = lock(c);
         for n in &c.notes {

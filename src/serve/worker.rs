@@ -52,13 +52,13 @@ pub fn spawn(
     gpu_opts: GpuOptions,
     cases: Cases,
     state: Arc<Mutex<QueueState>>,
-) -> mpsc::Sender<Job> {
+) -> crate::Result<mpsc::Sender<Job>> {
     let (tx, rx) = mpsc::channel::<Job>();
     std::thread::Builder::new()
         .name("marrow-gpu".into())
         .spawn(move || run(model, opts, gpu_opts, cases, state, rx))
-        .expect("cannot start the GPU worker thread");
-    tx
+        .map_err(|e| crate::Error::Invalid(format!("cannot start the GPU worker thread: {e}")))?;
+    Ok(tx)
 }
 
 fn set<F: FnOnce(&mut QueueState)>(state: &Mutex<QueueState>, f: F) {
