@@ -437,6 +437,18 @@ fn review_cycle_over_http() {
         "{}",
         server.stderr()
     );
+
+    // Without its model output the case is counted again and the log replayed onto the same
+    // detections (same model, same ids).
+    drop(server);
+    std::fs::remove_file(case_dir(&folder).join("model-output.json")).unwrap();
+    let server = Server::start(&[folder.to_str().unwrap(), "--target", "20"]);
+    assert!(server.stderr().contains("(2 images, 2 to count)"));
+    server.wait_counted(300);
+    for (i, vb) in views_before.iter().enumerate() {
+        let va = server.get_json(&format!("/api/cases/0/images/{i}"));
+        assert_eq!(&va, vb, "image {i} after recounting");
+    }
 }
 
 #[test]

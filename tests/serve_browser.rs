@@ -481,6 +481,34 @@ fn review_in_a_real_browser() {
         }
     }
 
+    // A bad upload through the page's file input: a clear message in the page, nothing added.
+    let bad = tmp_dir("browser-upload").join("notes.png");
+    std::fs::write(&bad, "these are notes, not pixels").unwrap();
+    let input = b
+        .call(
+            "Runtime.evaluate",
+            json!({"expression": "document.getElementById('file-input')"}),
+        )
+        .unwrap();
+    b.call(
+        "DOM.setFileInputFiles",
+        json!({"files": [bad.to_str().unwrap()], "objectId": input["result"]["objectId"]}),
+    )
+    .unwrap();
+    let msg = b.wait_for(
+        "the upload's error message",
+        "document.querySelector('#upload-messages li.error')?.textContent",
+        30,
+    );
+    assert!(msg.as_str().unwrap().contains("notes.png"), "{msg}");
+    assert_eq!(
+        server.get_json("/api/cases/0")["images"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
     // Restart the server; the page reopens on the new address with every correction.
     drop(server);
     let server = Server::start(&args);
