@@ -531,6 +531,18 @@ fn refuses_what_it_must() {
         None,
     );
     assert_eq!(r.status, 200);
+    // Loopback names on any port (an SSH tunnel's local port) are this server; look-alikes
+    // are not.
+    let r = request(server.port, "GET", "/", &[("Host", "localhost:9000")], None);
+    assert_eq!(r.status, 200);
+    for host in [
+        "127.0.0.1.evil.example",
+        "evil.example",
+        "localhost.evil.example:80",
+    ] {
+        let r = request(server.port, "GET", "/", &[("Host", host)], None);
+        assert_eq!(r.status, 403, "{host}");
+    }
 
     // Bad uploads: a clear message each, nothing added, and the server goes on.
     let up = |name: &str, bytes: &[u8]| {

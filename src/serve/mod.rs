@@ -371,12 +371,13 @@ async fn guard(State(app): State<Shared>, req: Request, next: Next) -> Response 
     match &app.token {
         None => {
             let p = app.port;
-            let ok = [
-                format!("127.0.0.1:{p}"),
-                format!("localhost:{p}"),
-                format!("[::1]:{p}"),
-            ];
-            if !ok.contains(&host) {
+            // The name must be a loopback one; any port, so that an SSH tunnel
+            // (`ssh -L 9000:127.0.0.1:8600`) works. A rebinding attack names its own host.
+            let name = match host.rsplit_once(':') {
+                Some((n, port)) if port.bytes().all(|b| b.is_ascii_digit()) => n,
+                _ => host.as_str(),
+            };
+            if !["127.0.0.1", "localhost", "[::1]"].contains(&name) {
                 return ApiError(
                     StatusCode::FORBIDDEN,
                     format!(
