@@ -463,10 +463,18 @@ fn refuses_what_it_must() {
     .unwrap();
     #[cfg(unix)]
     std::os::unix::fs::symlink(&secret, folder.join("link-out.png")).unwrap();
+    // A TIFF, which browsers cannot show: served as PNG.
+    std::fs::create_dir_all(folder.join("scans")).unwrap();
+    std::fs::copy(
+        "tests/bad_inputs/images/rgb16.tif",
+        folder.join("scans/rgb16.tif"),
+    )
+    .unwrap();
     let server = Server::start(&[folder.to_str().unwrap(), "--max-upload-mb", "1"]);
 
     let case = server.get_json("/api/cases/0");
-    assert_eq!(case["images"].as_array().unwrap().len(), 1, "{case}");
+    assert_eq!(case["images"].as_array().unwrap().len(), 2, "{case}");
+    assert_eq!(case["images"][1]["key"], "scans/rgb16.tif");
     #[cfg(unix)]
     assert!(
         case["refused"][0]
@@ -484,7 +492,7 @@ fn refuses_what_it_must() {
         "/app.js/../../Cargo.toml",
         "/api/cases/0/images/..%2f..%2fetc%2fpasswd/file",
         "/api/cases/0/images/-1/file",
-        "/api/cases/0/images/1/file",
+        "/api/cases/0/images/2/file",
         "/api/cases/9/images/0/file",
         "/api/cases/0/exports/..%2faudit.jsonl",
         "/api/cases/0/exports/%2fetc%2fpasswd",
@@ -502,6 +510,11 @@ fn refuses_what_it_must() {
     let img = server.get("/api/cases/0/images/0/file");
     assert_eq!(img.status, 200);
     assert_eq!(img.header("content-type"), Some("image/jpeg"));
+    let tif = server.get("/api/cases/0/images/1/file");
+    assert_eq!(tif.status, 200);
+    assert_eq!(tif.header("content-type"), Some("image/png"));
+    let png = image::load_from_memory(&tif.body).unwrap();
+    assert_eq!((png.width(), png.height()), (44, 34));
 
     // DNS rebinding and CSRF: another Host, or a change from another origin, is refused.
     let r = request(
@@ -600,7 +613,7 @@ fn refuses_what_it_must() {
             .as_array()
             .unwrap()
             .len(),
-        1
+        2
     );
     assert_eq!(
         std::fs::read_dir(case_dir(&folder).join("uploads"))

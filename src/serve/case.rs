@@ -438,7 +438,8 @@ impl Case {
         prov.inputs_total = entries.len();
         prov.input_indices = (0..entries.len()).collect();
         let rep = Report::new(prov, entries, None);
-        let text = serde_json::to_string_pretty(&rep)
+        // Rewritten whole after every field (atomically): compact, to keep that cheap.
+        let text = serde_json::to_string(&rep)
             .map_err(|e| Error::Invalid(format!("cannot serialise the model output: {e}")))?;
         audit::write_atomic(&self.dir.join(MODEL_OUTPUT), text.as_bytes())
     }
