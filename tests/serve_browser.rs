@@ -44,6 +44,10 @@ struct Browser {
     child: Child,
     ws: WebSocket<MaybeTlsStream<TcpStream>>,
     next_id: u64,
+    /// Uncaught JavaScript exceptions the page threw (none expected).
+    exceptions: Vec<String>,
+    /// The browser's error log (CSP violations, failed loads), printed for diagnosis.
+    log_errors: Vec<String>,
 }
 
 impl Drop for Browser {
@@ -119,8 +123,11 @@ impl Browser {
             child: guard.0.take().unwrap(),
             ws,
             next_id: 1,
+            exceptions: Vec::new(),
+            log_errors: Vec::new(),
         };
         b.call("Page.enable", json!({})).unwrap();
+        b.call("Log.enable", json!({})).unwrap();
         b.call("Runtime.enable", json!({})).unwrap();
         b.call(
             "Emulation.setDeviceMetricsOverride",
@@ -142,6 +149,15 @@ impl Browser {
             let m = self.ws.read().map_err(|e| format!("{method}: {e}"))?;
             let Message::Text(t) = m else { continue };
             let v: Value = serde_json::from_str(t.as_str()).map_err(|e| e.to_string())?;
+            match v["method"].as_str() {
+                Some("Runtime.exceptionThrown") => self
+                    .exceptions
+                    .push(v["params"]["exceptionDetails"].to_string()),
+                Some("Log.entryAdded") if v["params"]["entry"]["level"] == "error" => self
+                    .log_errors
+                    .push(v["params"]["entry"]["text"].to_string()),
+                _ => {}
+            }
             if v["id"] == id {
                 if let Some(e) = v.get("error") {
                     return Err(format!("{method}: {e}"));
@@ -524,5 +540,13 @@ fn review_in_a_real_browser() {
     assert_eq!(cell(&s3, "a1")["deleted"], false);
     assert_eq!(s3["imgTotal"], expected);
     assert_eq!(s3["caseTotal"], expected);
+    for e in &b.log_errors {
+        eprintln!("browser log: {e}");
+    }
+    assert!(
+        b.exceptions.is_empty(),
+        "the page threw: {:?}",
+        b.exceptions
+    );
     eprintln!("browser review test: {:.1} s", t0.elapsed().as_secs_f64());
 }

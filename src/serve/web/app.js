@@ -483,7 +483,11 @@ async function editSelected(body, advance) {
     } else if (advance) await nextField(1);
     else { renderImage(); draw(); }
     afterEdit();
-  } catch (e) { toast(e.message); } finally { S.busy = false; }
+  } catch (e) {
+    toast(e.message);
+    // Refused (another tab changed the cell, the case was signed off…): show the server's state.
+    if (imageIdx === S.idx) openImage(S.idx, true).catch(() => {});
+  } finally { S.busy = false; }
 }
 
 async function addCell(bbox) {
