@@ -335,11 +335,15 @@ fn review_in_a_real_browser() {
         .map(PathBuf::from)
         .unwrap_or_else(|| tmp_dir("browser-shots"));
     std::fs::create_dir_all(&shots).unwrap();
-    let folder = example_folder("browser", 1);
+    let folder = example_folder("browser", 2);
     let args = [folder.to_str().unwrap(), "--target", "30"];
     let server = Server::start(&args);
     server.wait_counted(600);
     let api_view = server.get_json("/api/cases/0/images/0");
+    // The second field's count adds to the case tally.
+    let t_other = server.get_json("/api/cases/0/images/1")["count"]["total"]
+        .as_u64()
+        .unwrap();
 
     let profile = tmp_dir("browser-profile");
     let mut b = Browser::launch(&exe, &profile);
@@ -425,14 +429,24 @@ fn review_in_a_real_browser() {
     // The counts on the page: the model's, corrected by exactly these three edits, and equal to
     // the server's.
     let expected = t_model + u64::from(!a_counted) - u64::from(del_counted) + 1;
+    let case_expected = expected + t_other;
     b.wait_for(
         "the tally",
         &format!(
             "+document.getElementById('img-total').textContent === {expected} && \
-             +document.getElementById('case-total').textContent === {expected}"
+             +document.getElementById('case-total').textContent === {case_expected}"
         ),
         30,
     );
+    assert!(b
+        .eval("document.getElementById('target-status').textContent")
+        .as_str()
+        .unwrap()
+        .contains(if case_expected >= 30 {
+            "Target reached"
+        } else {
+            "more cells"
+        }));
     let s2 = page_state(&mut b);
     assert_eq!(
         cell(&s2, "a1")["label"],
@@ -475,7 +489,8 @@ fn review_in_a_real_browser() {
     );
     let exported = case_dir(&folder).join("exports/reviewed-report.json");
     let rr: Value = serde_json::from_str(&std::fs::read_to_string(&exported).unwrap()).unwrap();
-    assert_eq!(rr["summary"]["total"], expected);
+    assert_eq!(rr["summary"]["total"], case_expected);
+    assert_eq!(rr["images"][0]["total"], expected);
     assert_eq!(rr["summary"]["target"], 30);
     assert!(rr["provenance"]["notice"]
         .as_str()
@@ -496,6 +511,42 @@ fn review_in_a_real_browser() {
             assert_eq!(c["change"], k);
         }
     }
+
+    // Keyboard flow through the case: Tab past the field's last cell opens the next field,
+    // `[` goes back.
+    let left = b
+        .eval(
+            "(() => { const o = marrow.ordered(marrow.S.image); \
+             return o.length - o.findIndex(c => c.id === marrow.S.sel.cell); })()",
+        )
+        .as_u64()
+        .unwrap();
+    for _ in 0..left {
+        b.key("Tab");
+    }
+    b.wait_for(
+        "the next field",
+        "marrow.S.idx === 1 && marrow.S.image.index === 1 && marrow.S.sel.image === 1",
+        30,
+    );
+    b.key("[");
+    b.wait_for(
+        "the first field again",
+        "marrow.S.idx === 0 && marrow.S.image.index === 0",
+        30,
+    );
+
+    // Sign the case off with the button.
+    b.click_selector("#signoff-btn");
+    b.wait_for(
+        "the sign-off",
+        "document.getElementById('signoff-status').classList.contains('done')",
+        30,
+    );
+    assert_eq!(
+        server.get_json("/api/cases/0")["signoff"]["reviewer"],
+        "Dr Browser"
+    );
 
     // A bad upload through the page's file input: a clear message in the page, nothing added.
     let bad = tmp_dir("browser-upload").join("notes.png");
@@ -522,7 +573,7 @@ fn review_in_a_real_browser() {
             .as_array()
             .unwrap()
             .len(),
-        1
+        2
     );
 
     // Restart the server; the page reopens on the new address with every correction.
@@ -539,7 +590,12 @@ fn review_in_a_real_browser() {
     assert_eq!(cell(&s3, &del)["deleted"], true);
     assert_eq!(cell(&s3, "a1")["deleted"], false);
     assert_eq!(s3["imgTotal"], expected);
-    assert_eq!(s3["caseTotal"], expected);
+    assert_eq!(s3["caseTotal"], case_expected);
+    assert!(b
+        .eval("document.getElementById('signoff-status').textContent")
+        .as_str()
+        .unwrap()
+        .contains("Reviewed by Dr Browser"));
     for e in &b.log_errors {
         eprintln!("browser log: {e}");
     }
