@@ -449,6 +449,8 @@ fn review_cycle_over_http() {
         let va = server.get_json(&format!("/api/cases/0/images/{i}"));
         assert_eq!(&va, vb, "image {i} after recounting");
     }
+    drop(server);
+    serve_common::clean(&[folder.parent().unwrap()]);
 }
 
 #[test]
@@ -622,6 +624,8 @@ fn refuses_what_it_must() {
         0
     );
     assert_eq!(server.get("/api/session").status, 200);
+    drop(server);
+    serve_common::clean(&[folder.parent().unwrap(), &outside]);
 }
 
 #[test]
@@ -670,4 +674,6 @@ fn exposure_needs_a_token() {
     let c = cookie.split(';').next().unwrap();
     let r = request(server.port, "GET", "/api/session", &[("Cookie", c)], None);
     assert_eq!(r.status, 200);
+    drop(server);
+    serve_common::clean(&[&folder]);
 }

@@ -605,4 +605,7 @@ fn review_in_a_real_browser() {
         b.exceptions
     );
     eprintln!("browser review test: {:.1} s", t0.elapsed().as_secs_f64());
+    drop(b);
+    drop(server);
+    serve_common::clean(&[&profile, folder.parent().unwrap()]);
 }

@@ -179,4 +179,6 @@ fn acknowledged_edits_survive_sigkill() {
         acked.len(),
         text.lines().count()
     );
+    drop(server);
+    serve_common::clean(&[folder.parent().unwrap()]);
 }

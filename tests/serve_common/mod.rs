@@ -155,6 +155,17 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
+        // The server's stderr stays for a failing test to show.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.stderr_log);
+        }
+    }
+}
+
+/// Removes a test's temporary folders once it has passed.
+pub fn clean(dirs: &[&Path]) {
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(d);
     }
 }
 
