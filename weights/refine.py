@@ -95,9 +95,12 @@ class RefineHead(nn.Module):
                 "num_classes": self.num_classes}
 
     def marrow_tensors(self, dtype=torch.float32) -> "OrderedDict[str, torch.Tensor]":
-        """The head's tensors under their marrow names (`refine.` + state_dict key), in order."""
-        return OrderedDict((mm.REFINE_PREFIX + k, v.detach().to(dtype).contiguous().cpu())
-                           for k, v in self.state_dict().items())
+        """The head's tensors under their marrow names (`refine.` + state_dict key), in the
+        docs/design.md §6 order (state_dict() itself lists `beta` first: torch puts a module's own
+        parameters before its children's)."""
+        sd = self.state_dict()
+        names = [n for n, _ in mm.refine_tensor_shapes(self.config(), self.arch())]
+        return OrderedDict((n, sd[n[len(mm.REFINE_PREFIX):]].detach().to(dtype).contiguous().cpu()) for n in names)
 
     # ------------------------------------------------------------------ the recurrence
 
