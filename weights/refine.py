@@ -254,11 +254,16 @@ def head_from_tensors(rcfg: dict, tensors: dict, arch: dict, detections_per_img=
     return head.eval()
 
 
-def head_from_model(model, cfg: dict, arch: dict):
-    """The RefineHead carried by a model from marrow_model.load_marrow / load_pth, or None."""
+def head_from_model(model, cfg: dict, arch: dict | None = None):
+    """The RefineHead carried by a model from marrow_model.load_marrow / load_pth, or None.
+    (load_marrow already checked the tensors against the detector; arch defaults to their shapes.)"""
     t = getattr(model, "marrow_refine", None)
     if t is None:
         return None
+    p = mm.REFINE_PREFIX
+    arch = arch or {"fpn_width": int(t[p + "key.weight"].shape[1]),
+                    "representation_size": int(t[p + "init.weight"].shape[1]),
+                    "num_classes": int(t[p + "cls.weight"].shape[0])}
     return head_from_tensors(cfg["refine"], t, arch, int(cfg["box_head"]["detections_per_img"]))
 
 
