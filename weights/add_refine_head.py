@@ -32,6 +32,22 @@ INIT_KEY = "marrow.refine.init"
 
 def add_head(src, dst, cell, hidden, key, steps, seed=0, stop_threshold=0.5, nms_thresh=0.5, half=False,
              replace=False, log=print):
+    """Attach a seeded random head; returns its refine config."""
+    rcfg = mm.check_refine_config({"cell": cell, "hidden": hidden, "key": key, "steps": steps,
+                                   "stop_threshold": stop_threshold, "nms_thresh": nms_thresh})
+
+    def make(arch):
+        head = rf.RefineHead(arch["fpn_width"], arch["representation_size"], arch["num_classes"], rcfg["cell"],
+                             rcfg["hidden"], rcfg["key"], rcfg["steps"], rcfg["stop_threshold"], rcfg["nms_thresh"])
+        return rf.init_params_numpy(head, np.random.default_rng(int(seed)))
+    write_with_head(src, dst, make, half, replace, {"seed": int(seed), "init": "numpy-pcg64 torch-default"}, log)
+    return rcfg
+
+
+def write_with_head(src, dst, head, half=False, replace=False, init_meta=None, log=print):
+    """Copy the marrow file `src` to `dst` with `head` (a RefineHead, or a function arch -> RefineHead)
+    attached: detector tensors and metadata unchanged, refine.* appended in §6 order (f16 with
+    half), config `refine` set, `marrow.refine.init` = JSON init_meta. Verifies by loading back."""
     tensors, meta = mm.read_safetensors(src)
     if mm.CONFIG_KEY not in meta:
         raise mm.MarrowError(f"{src}: no {mm.CONFIG_KEY} metadata (not a marrow weights file?)")
@@ -45,24 +61,24 @@ def add_head(src, dst, cell, hidden, key, steps, seed=0, stop_threshold=0.5, nms
     if "backbone.body.conv1.weight" not in tensors:
         raise mm.MarrowError(f"{src}: no detector tensors (a seedgen fixture?); attach heads to full weight files")
     arch = mm.infer_arch({k: tuple(v.shape) for k, v in tensors.items()})
-    rcfg = mm.check_refine_config({"cell": cell, "hidden": hidden, "key": key, "steps": steps,
-                                   "stop_threshold": stop_threshold, "nms_thresh": nms_thresh})
-    head = rf.RefineHead(arch["fpn_width"], arch["representation_size"], arch["num_classes"], rcfg["cell"],
-                         rcfg["hidden"], rcfg["key"], rcfg["steps"], rcfg["stop_threshold"], rcfg["nms_thresh"])
-    rf.init_params_numpy(head, np.random.default_rng(int(seed)))
+    if not isinstance(head, rf.RefineHead):
+        head = head(arch)
+    if head.arch() != {k: arch[k] for k in ("fpn_width", "representation_size", "num_classes")}:
+        raise mm.MarrowError(f"head built for {head.arch()} but {src} is {arch}")
+    rcfg = mm.check_refine_config(head.config())
     for k, v in head.marrow_tensors(torch.float16 if half else torch.float32).items():
         tensors[k] = v
     cfg["refine"] = rcfg
     meta = dict(meta)
     meta[mm.CONFIG_KEY] = mm.config_json(cfg)
-    meta[INIT_KEY] = json.dumps({"seed": int(seed), "init": "numpy-pcg64 torch-default"}, separators=(",", ":"))
+    meta[INIT_KEY] = json.dumps(init_meta or {}, separators=(",", ":"))
     mm.write_safetensors(dst, tensors, meta)
     # Verify: loads back with the head.
     model, cfg2, arch2, _ = mm.load_marrow(dst)
     head2 = rf.head_from_model(model, cfg2, arch2)
     assert head2 is not None and head2.config() == rcfg
     log(f"wrote {dst}: refine {rcfg} on a {arch['backbone']} (FPN {arch['fpn_width']}, representation "
-        f"{arch['representation_size']}, {arch['num_classes']} classes), seed {seed}, "
+        f"{arch['representation_size']}, {arch['num_classes']} classes), {init_meta}, "
         f"{'f16' if half else 'f32'} head, {os.path.getsize(dst)} bytes")
     return rcfg
 
