@@ -407,7 +407,7 @@ impl<'g> Detector<'g> {
         )?);
         back.push(post.encode_finalize(
             gpu,
-            &post_bufs,
+            post_bufs.candidates(),
             &det_keep,
             &det_keep_count,
             sizes.resized,
