@@ -41,6 +41,9 @@ enum Cmd {
         weights: Option<PathBuf>,
         #[arg(long)]
         reference: PathBuf,
+        /// Do not run the weights' refinement head: compare the plain detector (det.*) only.
+        #[arg(long)]
+        no_refine: bool,
     },
     /// Detect cells in an image: every detection (torchvision's output), then counts per class
     /// above the counting threshold.
@@ -156,7 +159,11 @@ fn run(cli: Cli) -> marrow::Result<ExitCode> {
             println!("limits: {:#?}", g.limits);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Validate { weights, reference } => {
+        Cmd::Validate {
+            weights,
+            reference,
+            no_refine,
+        } => {
             let dump = RefDump::open(reference)?;
             let ws = match weights {
                 Some(p) => WeightStore::open(p)?,
@@ -179,22 +186,19 @@ fn run(cli: Cli) -> marrow::Result<ExitCode> {
             );
             println!("reference: {}", reference.display());
             let t = std::time::Instant::now();
-            let mut report = validate::validate_backbone(&g, ws.clone(), &dump)?;
-            let has_heads = ["rpn.proposals", "box.logits", "det.boxes"]
-                .iter()
-                .any(|n| dump.tensors.contains_key(*n));
-            if has_heads {
-                report
-                    .rows
-                    .extend(validate::validate_heads(&g, ws, &dump)?.rows);
-            }
+            let opts = validate::Options {
+                refine: !*no_refine,
+            };
+            let report = validate::validate_all(&g, ws, &dump, &opts)?;
             print!("{}", report.table());
-            let rest = validate::unchecked_stages(&dump);
-            if !rest.is_empty() {
+            if !dump.floor.is_empty() {
                 println!(
-                    "not compared (the engine does not produce these stages yet): {}",
-                    rest.join(", ")
+                    "float64 floor: the dump records torch's own f32 error per stage; a row's verdict uses max(tol, {}×floor) (\"ok (floor)\": within that, above tol)",
+                    validate::FLOOR_MULT
                 );
+            }
+            for (stage, why) in &report.unchecked {
+                println!("not compared: {stage} ({why})");
             }
             println!(
                 "{} in {:.1} s",
