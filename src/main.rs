@@ -197,8 +197,15 @@ fn run(cli: Cli) -> marrow::Result<ExitCode> {
                     validate::FLOOR_MULT
                 );
             }
+            let mut unchecked: Vec<(&str, Vec<&str>)> = Vec::new();
             for (stage, why) in &report.unchecked {
-                println!("not compared: {stage} ({why})");
+                match unchecked.iter_mut().find(|(w, _)| w == why) {
+                    Some((_, v)) => v.push(stage),
+                    None => unchecked.push((why, vec![stage])),
+                }
+            }
+            for (why, stages) in unchecked {
+                println!("not compared ({why}): {}", stages.join(", "));
             }
             println!(
                 "{} in {:.1} s",
