@@ -485,8 +485,9 @@ fn stop_patterns_all_none_and_mixed() {
         );
     }
     // A mix: some stop at step 1, some later, some never (drawn until it happens).
-    for _ in 0..10 {
-        let mixed = check_case(&mut rng, false, 11, 7, 40, 4, 0.0);
+    for _ in 0..30 {
+        let bias = rng.uniform() * 2.0 - 1.0;
+        let mixed = check_case(&mut rng, false, 11, 7, 40, 4, bias);
         if mixed.contains(&0) && mixed.contains(&1) && mixed.iter().any(|&s| s > 1) {
             return;
         }

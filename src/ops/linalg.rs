@@ -153,9 +153,10 @@ impl Linear {
                 ("count", io.count),
                 ("y", io.y),
             ],
+            // 64×64 output tiles (shaders/linalg.wgsl).
             [
-                self.outputs.div_ceil(16) as u32,
-                io.m_cap.div_ceil(16).max(1) as u32,
+                self.outputs.div_ceil(64) as u32,
+                io.m_cap.div_ceil(64).max(1) as u32,
                 1,
             ],
         )
