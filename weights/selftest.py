@@ -282,13 +282,14 @@ def check_train():
         lines = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
         assert [x["epoch"] for x in lines] == [1, 2] and "AP50_per_class" in lines[0], lines
         ck = torch.load(os.path.join(wd, "last.pt"), weights_only=False)
-        assert ck["state"]["global_iter"] == 4 and ck["field"] == 144, (ck["state"], ck["field"])
+        # field = the median SHORT side of the training images (120, 128, 120, 128 -> 124)
+        assert ck["state"]["global_iter"] == 4 and ck["field"] == 124, (ck["state"], ck["field"])
         out = os.path.join(wd, "m.safetensors")
         with contextlib.redirect_stdout(io.StringIO()):
             T.main(["export", "--work-dir", wd, "--out", out, "--from", "last"])
         m, cfg, arch, _ = mm.load_marrow(out)
         assert cfg["class_names"] == ["__background__", "big", "small"] and cfg["frozen_bn_eps"] == 1e-5
-        assert cfg["field"] == 144 and cfg["transform"]["min_size"] == 384 and cfg["transform"]["max_size"] == 640
+        assert cfg["field"] == 124 and cfg["transform"]["min_size"] == 384 and cfg["transform"]["max_size"] == 640
         assert arch["backbone"] == "resnet18" and arch["fpn_width"] == 128 and arch["representation_size"] == 256
         tm = T.build_train_model(ck["config"], 3)
         tm.load_state_dict(ck["model"])
