@@ -35,8 +35,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> cls_scores: array<f32>;       // [K, C]
 @group(0) @binding(6) var<storage, read_write> cls_boxes: array<vec4<f32>>;  // [K, C]
 
-// ln(1000 / 16) rounded to f32, as torchvision's BoxCoder clamps dw, dh.
-const BBOX_XFORM_CLIP: f32 = 4.135166556742356;
+#include "box_decode.wgsl"
 
 @compute @workgroup_size(64, 1, 1)
 fn decode_classes(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -56,25 +55,9 @@ fn decode_classes(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     cls_scores[row + c] = exp(logits[row + c] - m) * (1.0 / sum);
 
-    let b = proposals[k];
-    let w = b.z - b.x;
-    let h = b.w - b.y;
-    let cx = b.x + 0.5 * w;
-    let cy = b.y + 0.5 * h;
     let d = 4u * (row + c);
-    let dx = deltas[d] / 10.0;
-    let dy = deltas[d + 1u] / 10.0;
-    let dw = min(deltas[d + 2u] / 5.0, BBOX_XFORM_CLIP);
-    let dh = min(deltas[d + 3u] / 5.0, BBOX_XFORM_CLIP);
-    let pcx = dx * w + cx;
-    let pcy = dy * h + cy;
-    let pw = exp(dw) * w;
-    let ph = exp(dh) * h;
-    let x1 = clamp(pcx - 0.5 * pw, 0.0, p.img_w);
-    let y1 = clamp(pcy - 0.5 * ph, 0.0, p.img_h);
-    let x2 = clamp(pcx + 0.5 * pw, 0.0, p.img_w);
-    let y2 = clamp(pcy + 0.5 * ph, 0.0, p.img_h);
-    cls_boxes[row + c] = vec4<f32>(x1, y1, x2, y2);
+    let delta = vec4<f32>(deltas[d], deltas[d + 1u], deltas[d + 2u], deltas[d + 3u]);
+    cls_boxes[row + c] = decode_clip_box(proposals[k], delta, p.img_h, p.img_w);
 }
 #endif
 
@@ -85,7 +68,8 @@ fn decode_classes(@builtin(global_invocation_id) gid: vec3<u32>) {
 @group(0) @binding(4) var<storage, read_write> cand_boxes: array<vec4<f32>>;  // [K*(C-1)]
 @group(0) @binding(5) var<storage, read_write> cand_scores: array<f32>;
 @group(0) @binding(6) var<storage, read_write> cand_labels: array<u32>;
-@group(0) @binding(7) var<storage, read_write> cand_count: array<u32>;
+@group(0) @binding(7) var<storage, read_write> cand_rows: array<u32>;   // proposal of each candidate
+@group(0) @binding(8) var<storage, read_write> cand_count: array<u32>;
 
 #include "scan.wgsl"
 
@@ -117,6 +101,7 @@ fn compact(@builtin(local_invocation_index) t: u32) {
             cand_boxes[o] = b;
             cand_scores[o] = s;
             cand_labels[o] = label;
+            cand_rows[o] = i / per;
         }
         base += sums.y;
     }

@@ -41,6 +41,9 @@ enum Cmd {
         weights: Option<PathBuf>,
         #[arg(long)]
         reference: PathBuf,
+        /// Do not run the weights' refinement head: compare the plain detector (det.*) only.
+        #[arg(long)]
+        no_refine: bool,
     },
     /// Detect cells in an image: every detection (torchvision's output), then counts per class
     /// above the counting threshold.
@@ -55,6 +58,9 @@ enum Cmd {
         /// Confidence a detection needs to be counted (the paper's 0.7).
         #[arg(long, default_value_t = 0.7)]
         count_threshold: f32,
+        /// Skip the weights' refinement head: the plain detector's (torchvision's) output.
+        #[arg(long)]
+        no_refine: bool,
     },
     /// Count cells in images and folders: per-image and total counts, the differential with 95 %
     /// intervals, and reports (JSON, CSV, COCO, GeoJSON, annotated images). Exit code 0 when every
@@ -166,7 +172,11 @@ fn run(cli: Cli) -> marrow::Result<ExitCode> {
             println!("limits: {:#?}", g.limits);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Validate { weights, reference } => {
+        Cmd::Validate {
+            weights,
+            reference,
+            no_refine,
+        } => {
             let dump = RefDump::open(reference)?;
             let ws = match weights {
                 Some(p) => WeightStore::open(p)?,
@@ -189,22 +199,26 @@ fn run(cli: Cli) -> marrow::Result<ExitCode> {
             );
             println!("reference: {}", reference.display());
             let t = std::time::Instant::now();
-            let mut report = validate::validate_backbone(&g, ws.clone(), &dump)?;
-            let has_heads = ["rpn.proposals", "box.logits", "det.boxes"]
-                .iter()
-                .any(|n| dump.tensors.contains_key(*n));
-            if has_heads {
-                report
-                    .rows
-                    .extend(validate::validate_heads(&g, ws, &dump)?.rows);
-            }
+            let opts = validate::Options {
+                refine: !*no_refine,
+            };
+            let report = validate::validate_all(&g, ws, &dump, &opts)?;
             print!("{}", report.table());
-            let rest = validate::unchecked_stages(&dump);
-            if !rest.is_empty() {
+            if !dump.floor.is_empty() {
                 println!(
-                    "not compared (the engine does not produce these stages yet): {}",
-                    rest.join(", ")
+                    "float64 floor: the dump records torch's own f32 error per stage; a row's verdict uses max(tol, {}×floor) (\"ok (floor)\": within that, above tol)",
+                    validate::FLOOR_MULT
                 );
+            }
+            let mut unchecked: Vec<(&str, Vec<&str>)> = Vec::new();
+            for (stage, why) in &report.unchecked {
+                match unchecked.iter_mut().find(|(w, _)| w == why) {
+                    Some((_, v)) => v.push(stage),
+                    None => unchecked.push((why, vec![stage])),
+                }
+            }
+            for (why, stages) in unchecked {
+                println!("not compared ({why}): {}", stages.join(", "));
             }
             println!(
                 "{} in {:.1} s",
@@ -222,6 +236,7 @@ fn run(cli: Cli) -> marrow::Result<ExitCode> {
             weights,
             json,
             count_threshold,
+            no_refine,
         } => {
             if !(0.0..=1.0).contains(count_threshold) {
                 return Err(marrow::Error::Invalid(format!(
@@ -235,8 +250,15 @@ fn run(cli: Cli) -> marrow::Result<ExitCode> {
             let g = open_gpu(&cli)?;
             let hash = ws.hash;
             let mut det = marrow::model::detector::Detector::new(&g, ws)?;
+            det.set_refine(!*no_refine);
             let t = std::time::Instant::now();
             let out = det.detect(&img)?;
+            // Which output this is: the refinement head's, or the plain detector's (and why).
+            let output = match (&out.refine, det.refine_head().is_some()) {
+                (Some(r), _) => format!("refinement head ({}, {} steps)", r.cell, r.steps),
+                (None, true) => "detector (refinement head skipped: --no-refine)".to_string(),
+                (None, false) => "detector (the weights have no refinement head)".to_string(),
+            };
             let secs = t.elapsed().as_secs_f64();
             let mut counts: Vec<(String, usize)> = (1..det.num_classes)
                 .map(|c| (det.class_name(c), 0))
@@ -268,6 +290,9 @@ fn run(cli: Cli) -> marrow::Result<ExitCode> {
                     "count_threshold": count_threshold,
                     "box_score_threshold": det.weights.config.box_head.score_thresh,
                     "nms_threshold": det.weights.config.box_head.nms_thresh,
+                    "output": if out.refine.is_some() { "refine" } else { "detector" },
+                    "output_description": output,
+                    "refine": out.refine,
                     "counts": counts.iter().map(|(n, c)| (n.clone(), *c)).collect::<std::collections::BTreeMap<_, _>>(),
                     "detections": dets,
                     "seconds": secs,
@@ -285,6 +310,21 @@ fn run(cli: Cli) -> marrow::Result<ExitCode> {
                     img.w,
                     model_name
                 );
+                println!("output: {output}");
+                if let Some(r) = &out.refine {
+                    let per: Vec<String> = r
+                        .stopped_at_step
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| format!("step {}: {n}", i + 1))
+                        .collect();
+                    println!(
+                        "refinement: {} detections in; stopped at {}; never stopped: {}",
+                        r.inputs,
+                        per.join(", "),
+                        r.never_stopped
+                    );
+                }
                 println!(
                     "{:>4}  {:<16} {:>7}  box (x1, y1, x2, y2)",
                     "#", "class", "score"

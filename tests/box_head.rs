@@ -129,9 +129,11 @@ fn candidates_and_finalize_match_cpu() {
         let boxes: Vec<[f32; 4]> = g.read_back_pod(&bufs.cand_boxes, n).unwrap();
         let scores: Vec<f32> = g.read_back_pod(&bufs.cand_scores, n).unwrap();
         let labels: Vec<u32> = g.read_back_pod(&bufs.cand_labels, n).unwrap();
+        let rows: Vec<u32> = g.read_back_pod(&bufs.cand_rows, n).unwrap();
         let mut max_box = 0f32;
         for i in 0..n {
             assert_eq!(labels[i], want[i].label, "order/label at {i}");
+            assert_eq!(rows[i], want[i].row, "source proposal of candidate {i}");
             // exp() in WGSL is within a few ulp: scores ≤ 1e-6 abs, boxes ≤ 1e-5 relative to the
             // image size (decode multiplies exp(dw) by widths up to ~1000 px).
             assert!(
@@ -170,7 +172,7 @@ fn candidates_and_finalize_match_cpu() {
         let dets = g.storage("dets", 100 * 32).unwrap();
         let dc = g.storage("det count", 4).unwrap();
         let d = op
-            .encode_finalize(g, &bufs, &kb, &kc, resized, orig, &dets, &dc)
+            .encode_finalize(g, bufs.candidates(), &kb, &kc, resized, orig, &dets, &dc)
             .unwrap();
         g.run("finalize test", [&d]).unwrap();
         let m = g.read_back_pod::<u32>(&dc, 1).unwrap()[0] as usize;

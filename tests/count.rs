@@ -148,6 +148,7 @@ fn counter_matches_the_detector_untiled_and_tiled() {
             threshold: 0.1,
             tiling: Tiling::Off,
             overlap: None,
+            refine: true,
         },
     )
     .unwrap();

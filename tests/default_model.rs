@@ -38,6 +38,7 @@ pub fn parity(model: Model, fixture: &Path) -> (usize, usize) {
             threshold,
             tiling: Tiling::Off,
             overlap: None,
+            refine: true,
         },
     )
     .unwrap();

@@ -452,6 +452,25 @@ fn yolo_unknown_class_name_is_named() {
 }
 
 #[test]
+fn yolo_long_names_map_by_their_abbreviation() {
+    // TXL-PBC's own classes.txt spells the names out; the model says WBC, RBC, platelet.
+    let cls = names(&["__background__", "WBC", "RBC", "platelet"]);
+    let file: Vec<String> = ["White Blood Cell (WBC)", "Red Blood Cell (RBC)", "Platelet"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let map = YoloClassMap::new(&cls, Some(file));
+    assert_eq!(
+        (map.label(0), map.label(1), map.label(2)),
+        (Ok(1), Ok(2), Ok(3))
+    );
+    // A parenthesised word that is no model class is still an error naming it.
+    let map = YoloClassMap::new(&cls, Some(vec!["Blast cell (BLA)".to_string()]));
+    let e = map.label(0).unwrap_err();
+    assert!(e.contains("'Blast cell (BLA)'"), "{e}");
+}
+
+#[test]
 fn yolo_line_errors_name_file_and_line() {
     let map = YoloClassMap::new(&names(&["bg", "a"]), None);
     let cases: &[(&[u8], &str)] = &[

@@ -3,13 +3,17 @@
 
     python weights/convert.py IN.pth OUT.safetensors [--half] [--class-names a,b,c | --class-names-file F]
         [--eps E] [--min-size 800] [--max-size 1333] [--field PX] [--lineage NAME=myeloid,NAME=erythroid]
-        [--drop-unknown] [--no-verify]
+        [--refine-config JSON] [--drop-unknown] [--no-verify]
 
 IN: a state_dict, or a training checkpoint dict holding one under "model" / "state_dict" /
 "model_state_dict" (a "module." prefix is stripped). Legacy FPN/RPN names are renamed to the
 current torchvision names, *.num_batches_tracked is dropped, the architecture is inferred from
 the shapes and checked, and the config JSON is written to the "marrow.config" metadata key
 (+ "marrow.source" = {"file", "sha256"}). Unknown tensors are refused unless --drop-unknown.
+A refinement head (refine.* tensors, docs/design.md §6) is carried with its config, taken from
+--refine-config JSON or the checkpoint's "refine_config" (or "config"/"marrow_config" -> "refine");
+its tensors are checked against it and the detector (H, K, cell gates, classes, FPN width,
+representation size), an error naming the tensor.
 
 FrozenBatchNorm2d eps: --eps when given; otherwise inferred: `*.num_batches_tracked` buffers mean the
 model was trained with BatchNorm2d (eps 1e-5); without them it cannot be told, and 0.0 (torchvision's
@@ -49,8 +53,23 @@ def infer_eps(raw_sd, eps=None, log=print) -> float:
     return DEFAULT_EPS
 
 
+def checkpoint_refine_config(obj):
+    """The refinement head's config carried by a training checkpoint dict, or None: under
+    "refine_config", or "refine" in a "config" / "marrow_config" dict (weights/train_refine.py
+    writes "refine_config")."""
+    if not isinstance(obj, dict):
+        return None
+    if isinstance(obj.get("refine_config"), dict):
+        return obj["refine_config"]
+    for k in ("config", "marrow_config"):
+        c = obj.get(k)
+        if isinstance(c, dict) and isinstance(c.get("refine"), dict):
+            return c["refine"]
+    return None
+
+
 def convert(src: str, dst: str, half=False, class_names=None, eps=None, min_size=800, max_size=1333,
-            drop_unknown=False, verify=True, log=print, field=None, lineage=None) -> dict:
+            drop_unknown=False, verify=True, log=print, field=None, lineage=None, refine_config=None) -> dict:
     try:
         obj = torch.load(src, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001  (torch raises many kinds for a bad file)
@@ -58,9 +77,15 @@ def convert(src: str, dst: str, half=False, class_names=None, eps=None, min_size
     raw = mm.extract_state_dict(obj)
     eps = infer_eps(raw, eps, log)
     sd = mm.normalise_names(raw)
-    arch = mm.infer_arch({k: tuple(v.shape) for k, v in sd.items()})
+    arch = mm.infer_arch({k: tuple(v.shape) for k, v in sd.items() if not k.startswith(mm.REFINE_PREFIX)})
     cfg = mm.make_config(arch["backbone"], class_names, min_size, max_size, eps, field, lineage)
     mm.check_config_vs_arch(cfg, arch)
+    # The refinement head: its config from --refine-config or the checkpoint; its tensors checked
+    # against it and the detector (H, K, G, N, C, R), each error naming the tensor.
+    rc = refine_config if refine_config is not None else checkpoint_refine_config(obj)
+    if rc is not None:
+        cfg["refine"] = mm.check_refine_config(rc)
+    sd, refine = mm.split_refine(sd, cfg, arch, os.path.basename(src))
     model = mm.build_model(cfg, arch)
     expected = mm.model_tensor_shapes(model)
     exp_names = {n for n, _ in expected}
@@ -85,17 +110,23 @@ def convert(src: str, dst: str, half=False, class_names=None, eps=None, min_size
         if not torch.isfinite(t).all():
             raise mm.MarrowError(f"{name}: contains NaN or Inf")
         out[name] = t
+    for name, t in (refine or {}).items():  # split_refine checked names, shapes and finiteness
+        out[name] = t.detach().to(torch.float16 if half else torch.float32).contiguous()
+        if not torch.isfinite(out[name]).all():
+            raise mm.MarrowError(f"{name}: not finite after conversion to {'f16' if half else 'f32'}")
     meta = {
         mm.CONFIG_KEY: mm.config_json(cfg),
         mm.SOURCE_KEY: json.dumps({"file": os.path.basename(src), "sha256": mm.sha256_file(src)}),
     }
     mm.write_safetensors(dst, out, meta)
     if verify:
-        model2, _, arch2, _ = mm.load_marrow(dst)
+        model2, cfg2, arch2, _ = mm.load_marrow(dst)
         assert arch2 == arch, (arch2, arch)
+        assert (model2.marrow_refine is None) == (refine is None) and cfg2["refine"] == cfg["refine"]
     log(f"wrote {dst}: {arch['backbone']}, FPN {arch['fpn_width']}, {arch['num_classes']} classes, "
         f"representation {arch['representation_size']}, {len(out)} tensors, "
-        f"{'f16' if half else 'f32'}, {os.path.getsize(dst)} bytes")
+        f"{'f16' if half else 'f32'}, {os.path.getsize(dst)} bytes"
+        + (f", refinement head {cfg['refine']}" if refine is not None else ""))
     return arch
 
 
@@ -115,6 +146,9 @@ def main(argv=None):
     ap.add_argument("--field", type=int, help="field size in native pixels (median max(width, height) of "
                                               "the training images), recorded as config `field`")
     ap.add_argument("--lineage", help="comma-separated NAME=myeloid|erythroid, recorded as config `lineage`")
+    ap.add_argument("--refine-config", help="JSON refine object (cell, hidden, key, steps[, stop_threshold, "
+                    "nms_thresh]) for the checkpoint's refine.* tensors; default: the checkpoint's "
+                    "refine_config / config.refine")
     ap.add_argument("--drop-unknown", action="store_true", help="drop (with a warning) tensors that are not part of the model")
     ap.add_argument("--no-verify", action="store_true", help="skip re-loading the output into torchvision")
     a = ap.parse_args(argv)
@@ -134,8 +168,9 @@ def main(argv=None):
                 return 2
             lineage[k.strip()] = v.strip()
     try:
+        rc = json.loads(a.refine_config) if a.refine_config else None
         convert(a.input, a.output, a.half, names, a.eps, a.min_size, a.max_size, a.drop_unknown, not a.no_verify,
-                field=a.field, lineage=lineage)
+                field=a.field, lineage=lineage, refine_config=rc)
     except (mm.MarrowError, OSError, RuntimeError, ValueError, KeyError) as e:
         print(f"error: {a.input}: {e}", file=sys.stderr)
         return 2

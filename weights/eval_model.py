@@ -3,7 +3,11 @@
 one image at a time (no batch padding), PIL-decoded pixels, the model's own config.
 
     python3 weights/eval_model.py --weights W.safetensors --data DATASET_ROOT [--split val]
-        [--threshold 0.7] [--out metrics.json] [--limit N]
+        [--threshold 0.7] [--out metrics.json] [--limit N] [--no-refine]
+
+A file with a refinement head (refine.* + the `refine` config) is evaluated through the head
+(weights/refine.py detect_refined: the detector, then the head on its live full-precision FPN
+levels), unless --no-refine; the result says which output it measured.
 
 Reports pycocotools COCOeval (bbox) AP, AP50, AP75, AR100, per-class AP / AP50, and counting
 metrics at the threshold: per-class mean absolute count error and the share of images whose
@@ -37,6 +41,7 @@ def main(argv=None):
     ap.add_argument("--out")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-refine", action="store_true", help="ignore the file's refinement head")
     a = ap.parse_args(argv)
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -44,6 +49,8 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     model, cfg, arch, _ = mm.load_marrow(a.weights)
     model.eval()
+    import refine as rf
+    head = None if a.no_refine else rf.head_from_model(model, cfg, arch)
     names = cfg["class_names"][1:]
     k = len(names)
     split = train.load_yolo(a.data, a.split, k + 1)
@@ -53,7 +60,11 @@ def main(argv=None):
     dets, counts_det, counts_gt = [], np.zeros((n, k), int), np.zeros((n, k), int)
     with torch.inference_mode():
         for i in range(n):
-            o = model([train.to_tensor(split.image(i))])[0]
+            x = train.to_tensor(split.image(i))
+            if head is None:
+                o = model([x])[0]
+            else:
+                o = rf.detect_refined(model, head, x, check=False)["refine"]
             for b, s, l in zip(o["boxes"].tolist(), o["scores"].tolist(), o["labels"].tolist()):
                 dets.append({"image_id": i, "category_id": int(l),
                              "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)})
@@ -75,15 +86,17 @@ def main(argv=None):
     prec = E.eval["precision"]
     per_class = {}
     for j, nm in enumerate(names):
-        p50, pall = prec[0, :, j, 0, 2], prec[:, :, j, 0, 2]
+        p50, p75, pall = prec[0, :, j, 0, 2], prec[5, :, j, 0, 2], prec[:, :, j, 0, 2]
         err = np.abs(counts_det[:, j] - counts_gt[:, j])
         per_class[nm] = {
             "AP": float(pall[pall > -1].mean()) if (pall > -1).any() else -1.0,
             "AP50": float(p50[p50 > -1].mean()) if (p50 > -1).any() else -1.0,
+            "AP75": float(p75[p75 > -1].mean()) if (p75 > -1).any() else -1.0,
             "count_mae": float(err.mean()), "count_exact": float((err == 0).mean()),
             "gt": int(counts_gt[:, j].sum()), "counted": int(counts_det[:, j].sum()),
         }
-    res = {"weights": os.path.basename(a.weights), "split": a.split, "images": n, "threshold": a.threshold,
+    res = {"weights": os.path.basename(a.weights), "output": "detector" if head is None else f"refine ({cfg['refine']['cell']})",
+           "split": a.split, "images": n, "threshold": a.threshold,
            "AP": st[0], "AP50": st[1], "AP75": st[2], "APs": st[3], "APm": st[4], "APl": st[5],
            "AR1": st[6], "AR10": st[7], "AR100": st[8],
            "mAP50_classes": float(np.mean([per_class[nm]["AP50"] for nm in names])),

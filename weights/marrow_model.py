@@ -53,6 +53,13 @@ DEFAULT_CONFIG = {
 OPTIONAL_KEYS = ("refine", "field", "lineage")
 LINEAGES = ("myeloid", "erythroid")
 
+# The refinement head's config object (docs/design.md §6, docs/refinement.md). cell, hidden, key
+# and steps are required; the two thresholds default to 0.5.
+REFINE_REQUIRED = ("cell", "hidden", "key", "steps")
+REFINE_DEFAULTS = {"stop_threshold": 0.5, "nms_thresh": 0.5}
+REFINE_CELLS = {"gru": 3, "lstm": 4}  # G, gates per cell (PyTorch GRUCell / LSTMCell layout)
+REFINE_PREFIX = "refine."
+
 # ResNet layer block counts, keyed by (bottleneck?, counts).
 RESNETS = {
     (False, (2, 2, 2, 2)): "resnet18",
@@ -88,7 +95,111 @@ def merge_config(partial: dict | None) -> dict:
     if cfg["format_version"] > CONFIG_FORMAT_VERSION:
         raise MarrowError(f"{CONFIG_KEY}: format_version {cfg['format_version']} is newer than supported")
     check_optional(cfg)
+    if cfg["refine"] is not None:
+        cfg["refine"] = check_refine_config(cfg["refine"])
     return cfg
+
+
+def check_refine_config(r) -> dict:
+    """Validate and complete a `refine` config object: {"cell": "gru"|"lstm", "hidden": H,
+    "key": K, "steps": T, "stop_threshold": 0.5, "nms_thresh": 0.5}. Returns a new dict in that
+    key order."""
+    if not isinstance(r, dict):
+        raise MarrowError(f"{CONFIG_KEY}: refine must be an object or null, got {type(r).__name__}")
+    for k in r:
+        if k not in REFINE_REQUIRED and k not in REFINE_DEFAULTS:
+            raise MarrowError(f"{CONFIG_KEY}: unknown field refine.{k!r}")
+    for k in REFINE_REQUIRED:
+        if k not in r:
+            raise MarrowError(f"{CONFIG_KEY}: refine.{k} is missing (refine needs cell, hidden, key, steps)")
+    out = {}
+    if r["cell"] not in REFINE_CELLS:
+        raise MarrowError(f"{CONFIG_KEY}: refine.cell is {r['cell']!r}, expected \"gru\" or \"lstm\"")
+    out["cell"] = r["cell"]
+    for k in ("hidden", "key", "steps"):
+        v = r[k]
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise MarrowError(f"{CONFIG_KEY}: refine.{k} must be a positive integer, got {v!r}")
+        out[k] = v
+    for k, d in REFINE_DEFAULTS.items():
+        v = r.get(k, d)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= float(v) <= 1.0):
+            raise MarrowError(f"{CONFIG_KEY}: refine.{k} must be a number in [0, 1], got {v!r}")
+        out[k] = float(v)
+    return out
+
+
+def refine_tensor_shapes(rcfg: dict, arch: dict) -> list:
+    """[(full name, shape)] of the head's tensors in the canonical (state_dict) order, for a refine
+    config and the detector's architecture (C = FPN width, R = representation size, N = classes)."""
+    H, K, G = rcfg["hidden"], rcfg["key"], REFINE_CELLS[rcfg["cell"]]
+    C, R, N = arch["fpn_width"], arch["representation_size"], arch["num_classes"]
+    p = REFINE_PREFIX
+    return [
+        (p + "init.weight", (H, R)), (p + "init.bias", (H,)),
+        (p + "key.weight", (K, C)), (p + "key.bias", (K,)),
+        (p + "value.weight", (K, C)), (p + "value.bias", (K,)),
+        (p + "query.weight", (K, H)), (p + "query.bias", (K,)),
+        (p + "beta", (1,)),
+        (p + "cell.weight_ih", (G * H, K)), (p + "cell.weight_hh", (G * H, H)),
+        (p + "cell.bias_ih", (G * H,)), (p + "cell.bias_hh", (G * H,)),
+        (p + "delta.weight", (4, H)), (p + "delta.bias", (4,)),
+        (p + "stop.weight", (1, H)), (p + "stop.bias", (1,)),
+        (p + "critic.weight", (1, H)), (p + "critic.bias", (1,)),
+        (p + "cls.weight", (N, H)), (p + "cls.bias", (N,)),
+    ]
+
+
+def _refine_explain(name, shape, want, rcfg, arch):
+    """Which config / architecture fact a wrong refine tensor shape disagrees with."""
+    facts = {
+        "init.weight": "[hidden H, representation R]", "init.bias": "[H]",
+        "key.weight": "[key K, FPN width C]", "value.weight": "[K, C]", "key.bias": "[K]", "value.bias": "[K]",
+        "query.weight": "[K, H]", "query.bias": "[K]", "beta": "[1]",
+        "cell.weight_ih": "[G*H, K] (G = 3 gru, 4 lstm)", "cell.weight_hh": "[G*H, H]",
+        "cell.bias_ih": "[G*H]", "cell.bias_hh": "[G*H]",
+        "delta.weight": "[4, H]", "delta.bias": "[4]", "stop.weight": "[1, H]", "stop.bias": "[1]",
+        "critic.weight": "[1, H]", "critic.bias": "[1]", "cls.weight": "[classes N, H]", "cls.bias": "[N]",
+    }
+    short = name[len(REFINE_PREFIX):]
+    return (f"{name}: shape {tuple(shape)}, expected {tuple(want)} = {facts.get(short, '')} for refine "
+            f"{{cell {rcfg['cell']}, hidden {rcfg['hidden']}, key {rcfg['key']}}}, FPN width "
+            f"{arch['fpn_width']}, representation {arch['representation_size']}, {arch['num_classes']} classes")
+
+
+def split_refine(tensors: dict, cfg: dict, arch: dict, what: str = "weights"):
+    """Split `refine.*` tensors off a name->tensor dict and check them against cfg["refine"] and
+    the detector's architecture. Returns (detector tensors, OrderedDict of refine tensors in
+    canonical order, or None when there is no head). Every problem is a MarrowError naming the
+    tensor."""
+    det = OrderedDict((k, v) for k, v in tensors.items() if not k.startswith(REFINE_PREFIX))
+    ref = OrderedDict((k, v) for k, v in tensors.items() if k.startswith(REFINE_PREFIX))
+    rcfg = cfg.get("refine")
+    if rcfg is None:
+        if ref:
+            raise MarrowError(f"{what}: {len(ref)} refine.* tensors ({next(iter(ref))}, ...) but the config "
+                              "has no `refine` object (cell, hidden, key, steps)")
+        return det, None
+    if not ref:
+        raise MarrowError(f"{what}: the config has a `refine` object but there are no refine.* tensors")
+    want = refine_tensor_shapes(rcfg, arch)
+    names = {n for n, _ in want}
+    for k in ref:
+        if k not in names:
+            raise MarrowError(f"{what}: unknown refinement-head tensor {k!r}")
+    out = OrderedDict()
+    for n, shape in want:
+        if n not in ref:
+            raise MarrowError(f"{what}: missing refinement-head tensor {n!r} (shape {tuple(shape)})")
+        t = ref[n]
+        if tuple(t.shape) != tuple(shape):
+            raise MarrowError(f"{what}: " + _refine_explain(n, t.shape, shape, rcfg, arch))
+        if not t.is_floating_point():
+            raise MarrowError(f"{what}: {n}: dtype {t.dtype} is not floating point")
+        if not torch.isfinite(t.float()).all():
+            raise MarrowError(f"{what}: {n}: contains NaN or Inf")
+        out[n] = t
+    return det, out
 
 
 def check_optional(cfg: dict, writing=False):
@@ -328,10 +439,14 @@ def load_marrow(path: str, overrides: dict | None = None):
             cfg[sect].update(vals)
         else:
             cfg[sect] = vals
-    arch = infer_arch({k: tuple(v.shape) for k, v in tensors.items()})
+    arch = infer_arch({k: tuple(v.shape) for k, v in tensors.items() if not k.startswith(REFINE_PREFIX)})
     check_config_vs_arch(cfg, arch)
+    tensors, refine = split_refine(tensors, cfg, arch, os.path.basename(path))
     model = build_model(cfg, arch)
     load_state_into(model, tensors)
+    # The refinement head (if any) is not part of torchvision's model: its checked tensors ride along
+    # as a plain attribute (OrderedDict full name -> tensor, or None); refine.head_from_model builds it.
+    model.marrow_refine = refine
     return model, cfg, arch, meta
 
 
@@ -345,8 +460,10 @@ def load_pth(path: str, cfg: dict | None = None):
     arch = infer_arch({k: tuple(v.shape) for k, v in sd.items()})
     cfg = merge_config(cfg)
     check_config_vs_arch(cfg, arch)
+    sd, refine = split_refine(sd, cfg, arch, os.path.basename(path))
     model = build_model(cfg, arch)
     load_state_into(model, sd)
+    model.marrow_refine = refine
     return model, cfg, arch
 
 

@@ -50,7 +50,7 @@ def model_from_spec(meta):
     assert [(n, tuple(s)) for n, s in spec["tensors"]] == mm.model_tensor_shapes(model), "spec order != state_dict"
     gen = seedgen.generate_all(spec)
     sd = OrderedDict((n, torch.from_numpy(v)) for n, _, v in gen)
-    for name, ent in json.loads(meta[mm.SEEDGEN_CHECK_KEY]).items():
+    for name, ent in json.loads(meta.get(mm.SEEDGEN_CHECK_KEY, "{}")).items():
         assert seedgen.check_entry(sd[name].numpy()) == ent, name
     mm.load_state_into(model, sd)
     return model, cfg
@@ -66,6 +66,9 @@ def check_fixtures(d):
             print(f"fixture {f}: no seeded model, skipped")
             continue
         model, cfg = model_from_spec(meta)
+        if not t:  # a weights-only fixture (seeded_model): the model builds; nothing stored to compare
+            print(f"fixture {f}: seeded weights only, model rebuilt OK")
+            continue
         if "marrow.layers" in meta:
             b, fpn = model.backbone.body, model.backbone.fpn
             y = b.relu(b.bn1(b.conv1(t["stem.in"])))
@@ -279,13 +282,14 @@ def check_train():
         lines = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
         assert [x["epoch"] for x in lines] == [1, 2] and "AP50_per_class" in lines[0], lines
         ck = torch.load(os.path.join(wd, "last.pt"), weights_only=False)
-        assert ck["state"]["global_iter"] == 4 and ck["field"] == 144, (ck["state"], ck["field"])
+        # field = the median SHORT side of the training images (120, 128, 120, 128 -> 124)
+        assert ck["state"]["global_iter"] == 4 and ck["field"] == 124, (ck["state"], ck["field"])
         out = os.path.join(wd, "m.safetensors")
         with contextlib.redirect_stdout(io.StringIO()):
             T.main(["export", "--work-dir", wd, "--out", out, "--from", "last"])
         m, cfg, arch, _ = mm.load_marrow(out)
         assert cfg["class_names"] == ["__background__", "big", "small"] and cfg["frozen_bn_eps"] == 1e-5
-        assert cfg["field"] == 144 and cfg["transform"]["min_size"] == 384 and cfg["transform"]["max_size"] == 640
+        assert cfg["field"] == 124 and cfg["transform"]["min_size"] == 384 and cfg["transform"]["max_size"] == 640
         assert arch["backbone"] == "resnet18" and arch["fpn_width"] == 128 and arch["representation_size"] == 256
         tm = T.build_train_model(ck["config"], 3)
         tm.load_state_dict(ck["model"])

@@ -29,6 +29,9 @@ pub struct CountArgs {
     /// Overlap between fields in px (must exceed the largest cell); default half a field.
     #[arg(long)]
     pub tile_overlap: Option<u32>,
+    /// Skip the model's refinement head (when it has one): count the plain detector's output.
+    #[arg(long)]
+    pub no_refine: bool,
     /// Cells wanted for the differential (e.g. 200 or 500); the report says whether it was reached.
     #[arg(long)]
     pub target: Option<usize>,
@@ -103,6 +106,7 @@ pub fn run_count(a: &CountArgs, open_gpu: impl FnOnce() -> Result<Gpu>) -> Resul
         threshold: a.threshold,
         tiling: a.tile,
         overlap: a.tile_overlap,
+        refine: !a.no_refine,
     };
     opts.check()?;
     let all = batch::collect_inputs(&a.inputs)?;
@@ -148,7 +152,7 @@ pub fn run_count(a: &CountArgs, open_gpu: impl FnOnce() -> Result<Gpu>) -> Resul
             Tiling::Size(n) => n.to_string(),
         },
         tile_overlap: a.tile_overlap,
-        refinement_head: false,
+        refinement_head: counter.refines(),
         shard: a.shard.map(|s| s.to_string()),
         inputs_total: all.len(),
         input_indices: indices.clone(),

@@ -27,6 +27,9 @@ pub struct EvalArgs {
     /// than 100 cells. Raises the detector's own limit to match when it is lower.
     #[arg(long, default_value_t = 100)]
     pub max_dets: usize,
+    /// Skip the model's refinement head (when it has one): evaluate the plain detector.
+    #[arg(long)]
+    pub no_refine: bool,
     /// Counting confidence for the counting metrics (AP uses every detection).
     #[arg(long, default_value_t = marrow::count::DEFAULT_THRESHOLD)]
     pub threshold: f32,
@@ -157,6 +160,7 @@ pub fn run_eval(a: &EvalArgs, open_gpu: impl FnOnce() -> Result<Gpu>) -> Result<
         threshold: a.threshold,
         tiling: a.tile,
         overlap: None,
+        refine: !a.no_refine,
     };
     let mut counter = Counter::new(&gpu, model, opts)?;
     let mut progress = batch::Progress::new(paths.len(), a.quiet);
@@ -203,6 +207,14 @@ pub fn run_eval(a: &EvalArgs, open_gpu: impl FnOnce() -> Result<Gpu>) -> Result<
         scored.len(),
         failed.len(),
         a.labels.display()
+    );
+    println!(
+        "output: {}",
+        if counter.refines() {
+            "refinement head"
+        } else {
+            "detector (no refinement head ran)"
+        }
     );
     print!("{}", metrics.summary());
     println!("{:<16} {:>7} {:>7}", "class", "AP", "AP50");
@@ -263,6 +275,7 @@ pub fn run_eval(a: &EvalArgs, open_gpu: impl FnOnce() -> Result<Gpu>) -> Result<
                 "failed": failed.iter().map(|(p, e)| serde_json::json!({"file": paths[*p].display().to_string(), "error": e})).collect::<Vec<_>>(),
                 "max_dets": a.max_dets,
                 "threshold": a.threshold,
+                "refinement_head": counter.refines(),
                 "adapter": gpu.report.name,
                 "time": document::now_rfc3339(),
                 "warnings": warnings,

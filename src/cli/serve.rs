@@ -45,6 +45,9 @@ pub struct ServeArgs {
     /// auto (cut images larger than 1.5× the model's training field), off, or a field size in px.
     #[arg(long, default_value = "auto")]
     pub tile: Tiling,
+    /// Skip the model's refinement head (when it has one): review the plain detector's output.
+    #[arg(long)]
+    pub no_refine: bool,
 }
 
 pub fn run_serve(a: &ServeArgs, gpu: GpuOptions) -> Result<ExitCode> {
@@ -52,6 +55,7 @@ pub fn run_serve(a: &ServeArgs, gpu: GpuOptions) -> Result<ExitCode> {
         threshold: a.threshold,
         tiling: a.tile,
         overlap: None,
+        refine: !a.no_refine,
     };
     count.check()?;
     if a.max_upload_mb == 0 || a.max_upload_mb > 1024 {

@@ -216,6 +216,14 @@ pub struct CountOptions {
     pub tiling: Tiling,
     /// Overlap between fields in pixels; `None` = [`tiling::default_overlap`].
     pub overlap: Option<u32>,
+    /// Run the model's refinement head when it has one (`false` = the plain detector's output,
+    /// `--no-refine`).
+    #[serde(default = "yes")]
+    pub refine: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for CountOptions {
@@ -224,6 +232,7 @@ impl Default for CountOptions {
             threshold: DEFAULT_THRESHOLD,
             tiling: Tiling::Auto,
             overlap: None,
+            refine: true,
         }
     }
 }
@@ -421,7 +430,8 @@ pub struct Counter<'g> {
 impl<'g> Counter<'g> {
     pub fn new(gpu: &'g Gpu, model: Model, opts: CountOptions) -> Result<Self> {
         opts.check()?;
-        let detector = Detector::new(gpu, model.weights)?;
+        let mut detector = Detector::new(gpu, model.weights)?;
+        detector.set_refine(opts.refine);
         Ok(Counter {
             detector,
             model: model.info,
@@ -431,6 +441,12 @@ impl<'g> Counter<'g> {
 
     pub fn gpu(&self) -> &'g Gpu {
         self.detector.gpu
+    }
+
+    /// Whether counts come from the model's refinement head (it has one, and it is not
+    /// switched off).
+    pub fn refines(&self) -> bool {
+        self.detector.refines()
     }
 
     /// The fields an image of this size is cut into under the current options (`None` = whole).

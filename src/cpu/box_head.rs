@@ -51,6 +51,8 @@ pub struct Candidate {
     pub bbox: [f32; 4],
     pub score: f32,
     pub label: u32,
+    /// The proposal it came from.
+    pub row: u32,
 }
 
 /// Candidates in torchvision's order (proposal-major, class-minor, background dropped).
@@ -78,6 +80,7 @@ pub fn candidates(
                     bbox: b,
                     score: s[c],
                     label: c as u32,
+                    row: k as u32,
                 });
             }
         }

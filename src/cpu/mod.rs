@@ -4,6 +4,7 @@
 
 pub mod box_head;
 pub mod nms;
+pub mod refine;
 pub mod roi_align;
 pub mod rpn;
 

@@ -20,6 +20,20 @@ fn same_name(a: &str, b: &str) -> bool {
     a.trim().to_lowercase() == b.trim().to_lowercase()
 }
 
+/// Whether a dataset's class name means the model's class `model`: the same name (trimmed,
+/// case-insensitive), or a long name whose parenthesised abbreviation is that name — TXL-PBC's
+/// own classes.txt says "White Blood Cell (WBC)" where the model says "WBC".
+fn names_class(dataset: &str, model: &str) -> bool {
+    if same_name(dataset, model) {
+        return true;
+    }
+    let d = dataset.trim();
+    match (d.rfind('('), d.ends_with(')')) {
+        (Some(open), true) => same_name(&d[open + 1..d.len() - 1], model),
+        _ => false,
+    }
+}
+
 /// How a YOLO class index becomes a model label.
 #[derive(Debug, Clone, PartialEq)]
 pub struct YoloClassMap {
@@ -31,7 +45,8 @@ pub struct YoloClassMap {
 
 impl YoloClassMap {
     /// Without dataset names YOLO class k is model label k + 1. With them, class k is the model
-    /// class of the same name (trimmed, case-insensitive).
+    /// class of the same name (trimmed, case-insensitive), or whose name is the dataset name's
+    /// parenthesised abbreviation ("White Blood Cell (WBC)" → "WBC").
     pub fn new(class_names: &[String], dataset_names: Option<Vec<String>>) -> Self {
         Self {
             model: class_names.to_vec(),
@@ -69,7 +84,10 @@ impl YoloClassMap {
                         names.len()
                     ));
                 };
-                match self.model.iter().skip(1).position(|m| same_name(m, name)) {
+                let exact = self.model.iter().skip(1).position(|m| same_name(m, name));
+                let found =
+                    exact.or_else(|| self.model.iter().skip(1).position(|m| names_class(name, m)));
+                match found {
                     Some(p) => Ok(p + 1),
                     None => Err(format!(
                         "class {k} ('{name}' in {CLASSES_TXT}) is not one of the model's classes \

@@ -23,11 +23,13 @@ use sha2::{Digest, Sha256};
 /// `shaders/common/` ([`super::wgsl::COMMON`]); tests/startup.rs checks that the list matches the
 /// folder, so a new kernel cannot be left out. (A stale key could only waste the file: Vulkan
 /// pipeline caches are looked up by the shader's own hash, never by name.)
-pub const SHADER_SOURCES: [(&str, &str); 8] = [
+pub const SHADER_SOURCES: [(&str, &str); 10] = [
     ("box_head.wgsl", include_str!("../../shaders/box_head.wgsl")),
     ("conv2d.wgsl", include_str!("../../shaders/conv2d.wgsl")),
+    ("linalg.wgsl", include_str!("../../shaders/linalg.wgsl")),
     ("nms.wgsl", include_str!("../../shaders/nms.wgsl")),
     ("pool.wgsl", include_str!("../../shaders/pool.wgsl")),
+    ("refine.wgsl", include_str!("../../shaders/refine.wgsl")),
     (
         "roi_align.wgsl",
         include_str!("../../shaders/roi_align.wgsl"),

@@ -23,6 +23,14 @@ use super::ConstVal;
 /// The files under `shaders/common/` that `#include` may name, embedded at build time. (A unit
 /// test checks that this list matches the folder.)
 pub const COMMON: &[(&str, &str)] = &[
+    (
+        "activations.wgsl",
+        include_str!("../../shaders/common/activations.wgsl"),
+    ),
+    (
+        "box_decode.wgsl",
+        include_str!("../../shaders/common/box_decode.wgsl"),
+    ),
     ("scan.wgsl", include_str!("../../shaders/common/scan.wgsl")),
     (
         "sort_key.wgsl",

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use super::backbone::{BackboneArch, BackboneBuilder, FPN_NAMES};
 use super::graph::{Graph, Plan};
 use super::heads::{BoxMlp, RpnHead};
+use super::refine::{RefineDebug, RefineHead, RefineInput, RefineInputs, RefineStage};
 use super::weights::WeightStore;
 use super::ImageF32;
 use crate::error::{Error, Result};
@@ -39,6 +40,22 @@ pub struct Detection {
 pub struct Detections {
     pub sizes: TransformSizes,
     pub detections: Vec<Detection>,
+    /// Set when the refinement head produced `detections`.
+    pub refine: Option<RefineSummary>,
+}
+
+/// What the refinement head did on one image.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RefineSummary {
+    /// "gru" or "lstm".
+    pub cell: &'static str,
+    pub steps: usize,
+    /// Detections that went into the head.
+    pub inputs: usize,
+    /// Detections that stopped at step 1, 2, …, T.
+    pub stopped_at_step: Vec<usize>,
+    /// Detections that never stopped (ran all T steps).
+    pub never_stopped: usize,
 }
 
 /// Intermediate stages read back in debug / validate mode (rows up to the live counts).
@@ -56,6 +73,12 @@ pub struct DebugStages {
     /// Pre-NMS RPN candidates (count) and box-head candidates (count).
     pub rpn_candidates: usize,
     pub box_candidates: usize,
+    /// [K, R] box-head representations of the K proposals (the refinement head's f).
+    pub box_features: Vec<f32>,
+    /// The plain detector's detections when the refinement head ran (its input, rescaled).
+    pub plain: Option<Vec<Detection>>,
+    /// The refinement head's intermediate outputs, when it ran.
+    pub refine: Option<RefineDebug>,
 }
 
 struct SizePlan {
@@ -81,9 +104,56 @@ struct SizePlan {
     readback: Buffer,
     dets: Buffer,
     det_count: Buffer,
-    front: Vec<Dispatch>,
-    middle: Vec<Dispatch>,
-    back: Vec<Dispatch>,
+    front: Segment,
+    middle: Segment,
+    back: Segment,
+    /// The refinement head's stage and its dispatches (gather first), when the weights have one.
+    refine: Option<(RefineStage, Segment)>,
+}
+
+/// One recorded dispatch, tagged with its stage (one of [`STAGES`]) when it was recorded, and
+/// its FLOPs (convolutions and linear layers; 0 for everything else).
+#[derive(Clone)]
+pub struct Staged {
+    pub stage: &'static str,
+    pub dispatch: Dispatch,
+    pub flops: f64,
+}
+
+/// A run of dispatches submitted together.
+#[derive(Clone, Default)]
+struct Segment(Vec<Staged>);
+
+impl Segment {
+    fn push(&mut self, stage: &'static str, dispatch: Dispatch) {
+        debug_assert!(STAGES.contains(&stage), "unknown stage {stage}");
+        self.0.push(Staged {
+            stage,
+            dispatch,
+            flops: 0.0,
+        });
+    }
+
+    fn extend(&mut self, stage: &'static str, dispatches: impl IntoIterator<Item = Dispatch>) {
+        for d in dispatches {
+            self.push(stage, d);
+        }
+    }
+
+    /// A graph plan's dispatches with their FLOPs; `stage_of_node(i)` tags node i.
+    fn extend_plan(&mut self, plan: &Plan, stage_of_node: impl Fn(usize) -> &'static str) {
+        for (i, op) in plan.ops.iter().enumerate() {
+            self.0.push(Staged {
+                stage: stage_of_node(i),
+                dispatch: op.dispatch.clone(),
+                flops: op.flops,
+            });
+        }
+    }
+
+    fn dispatches(&self) -> impl Iterator<Item = &Dispatch> {
+        self.0.iter().map(|s| &s.dispatch)
+    }
 }
 
 pub struct Detector<'g> {
@@ -94,7 +164,12 @@ pub struct Detector<'g> {
     backbone: Graph,
     rpn_head: Graph,
     mlp: Graph,
+    /// Nodes of `backbone` that are the ResNet body (the rest are FPN): the stage tag.
+    body_nodes: usize,
     box_mlp: BoxMlp,
+    refine_head: Option<RefineHead>,
+    /// Whether [`Detector::detect`] runs the refinement head (when the weights carry one).
+    refine_enabled: bool,
     plans: HashMap<(usize, usize), SizePlan>,
     /// Plan keys, least recently used first.
     plan_use: Vec<(usize, usize)>,
@@ -106,12 +181,13 @@ pub const MAX_PLANS: usize = 3;
 impl<'g> Detector<'g> {
     pub fn new(gpu: &'g Gpu, weights: WeightStore) -> Result<Self> {
         weights.check_known_prefixes()?;
-        let (arch, backbone, rpn_head, box_mlp, mlp) = {
+        let (arch, backbone, body_nodes, rpn_head, box_mlp, mlp) = {
             let b = BackboneBuilder::new(gpu, &weights)?;
             let f = b.arch.fpn_channels;
             let mut g = Graph::default();
             let x = g.input("transform.image");
             let c = b.body(&mut g, x)?;
+            let body_nodes = g.nodes.len();
             let p = b.fpn(&mut g, c)?;
             for (name, v) in FPN_NAMES.iter().zip(p) {
                 g.output(name, v);
@@ -126,16 +202,24 @@ impl<'g> Detector<'g> {
             let box_mlp = BoxMlp::load(gpu, &weights, f, 7)?;
             let mut mg = Graph::default();
             let rois = mg.input("rois");
-            let (l, d) = box_mlp.add(&mut mg, rois);
+            let (l, d, x7) = box_mlp.add(&mut mg, rois);
             mg.output("box.logits", l);
             mg.output("box.deltas", d);
-            (b.arch.clone(), g, hg, box_mlp, mg)
+            mg.output("box.features", x7);
+            (b.arch.clone(), g, body_nodes, hg, box_mlp, mg)
         };
         // Every backbone / RPN / box-head tensor must have been consumed by some layer.
         for prefix in ["backbone.", "rpn.", "roi_heads."] {
             weights.check_all_used(prefix)?;
         }
         let num_classes = box_mlp.num_classes;
+        let refine_head = RefineHead::load(
+            gpu,
+            &weights,
+            arch.fpn_channels,
+            box_mlp.representation,
+            num_classes,
+        )?;
         prepare_pipelines(gpu, [&backbone, &rpn_head, &mlp])?;
         Ok(Detector {
             gpu,
@@ -145,10 +229,29 @@ impl<'g> Detector<'g> {
             backbone,
             rpn_head,
             mlp,
+            body_nodes,
             box_mlp,
+            refine_enabled: refine_head.is_some(),
+            refine_head,
             plans: HashMap::new(),
             plan_use: Vec::new(),
         })
+    }
+
+    /// The refinement head the weights carry, if any.
+    pub fn refine_head(&self) -> Option<&RefineHead> {
+        self.refine_head.as_ref()
+    }
+
+    /// Runs the refinement head (`true`, the default when the weights have one) or returns the
+    /// plain detector's output (`false`: `marrow detect --no-refine`). No effect without a head.
+    pub fn set_refine(&mut self, on: bool) {
+        self.refine_enabled = on && self.refine_head.is_some();
+    }
+
+    /// Whether detections come from the refinement head.
+    pub fn refines(&self) -> bool {
+        self.refine_enabled
     }
 
     /// Class name for a label (index 0 = background), from the weights' config.
@@ -273,7 +376,7 @@ impl<'g> Detector<'g> {
             post.max_det.min(det_nms_capacity) as u64 * 4,
         )?;
         let det_keep_count = gpu.storage("box nms keep count", 4)?;
-        let dets = gpu.storage("detections [100, 8]", post.max_det as u64 * 32)?;
+        let dets = gpu.storage("detections [max_det, 8]", post.max_det as u64 * 32)?;
         let det_count = gpu.storage("detections count", 4)?;
         let t = &rpn_bufs.topk;
         let head_bytes: u64 = [
@@ -314,17 +417,16 @@ impl<'g> Detector<'g> {
 
         // Segment 1: transform + body + FPN (the transform dispatch is re-recorded per run
         // because it reads the image buffer, which is per plan anyway).
-        let mut front = vec![transform::encode(
-            gpu,
-            &cfg.transform,
-            &sizes,
-            &image.buf,
-            &x,
-        )?];
-        front.extend(take_dispatches(&backbone));
+        let mut front = Segment::default();
+        front.push(
+            "transform",
+            transform::encode(gpu, &cfg.transform, &sizes, &image.buf, &x)?,
+        );
+        let body_nodes = self.body_nodes;
+        front.extend_plan(&backbone, |i| if i < body_nodes { "body" } else { "fpn" });
         // Segment 2: RPN.
-        let mut middle: Vec<Dispatch> = Vec::new();
-        middle.extend(take_dispatches(&rpn_head));
+        let mut middle = Segment::default();
+        middle.extend_plan(&rpn_head, |_| "rpn head");
         let obj: Vec<&Tensor> = (0..5)
             .map(|l| {
                 rpn_head
@@ -339,82 +441,139 @@ impl<'g> Detector<'g> {
                     .expect("head output")
             })
             .collect();
-        middle.extend(rpn.encode(gpu, "rpn", &obj, &del, &rpn_bufs)?);
-        middle.extend(rpn_nms.encode(
-            gpu,
+        middle.extend(
+            "rpn proposals",
+            rpn.encode(gpu, "rpn", &obj, &del, &rpn_bufs)?,
+        );
+        middle.extend(
             "rpn nms",
-            &NmsIo {
-                boxes: &rpn_bufs.boxes,
-                scores: &rpn_bufs.scores,
-                ids: Some(&rpn_bufs.levels),
-                count: &rpn_bufs.count,
-                count_index: 0,
-                keep: &rpn_keep,
-                keep_count: &rpn_keep_count,
-                keep_count_index: 0,
-            },
-            &rpn_scratch,
-        )?);
-        middle.push(GatherRows { max_rows: post_n }.encode(
-            gpu,
-            "rpn proposals gather",
-            &rpn_bufs.boxes,
-            &rpn_bufs.scores,
-            &rpn_keep,
-            &rpn_keep_count,
-            &proposals,
-            &proposal_scores,
-            &proposal_count,
-        )?);
+            rpn_nms.encode(
+                gpu,
+                "rpn nms",
+                &NmsIo {
+                    boxes: &rpn_bufs.boxes,
+                    scores: &rpn_bufs.scores,
+                    ids: Some(&rpn_bufs.levels),
+                    count: &rpn_bufs.count,
+                    count_index: 0,
+                    keep: &rpn_keep,
+                    keep_count: &rpn_keep_count,
+                    keep_count_index: 0,
+                },
+                &rpn_scratch,
+            )?,
+        );
+        middle.push(
+            "rpn proposals",
+            GatherRows { max_rows: post_n }.encode(
+                gpu,
+                "rpn proposals gather",
+                &rpn_bufs.boxes,
+                &rpn_bufs.scores,
+                &rpn_keep,
+                &rpn_keep_count,
+                &proposals,
+                &proposal_scores,
+                &proposal_count,
+            )?,
+        );
         // Segment 3: box head.
         let lv: [&Tensor; 4] = [&levels[0], &levels[1], &levels[2], &levels[3]];
-        let mut back = vec![roi.encode(
-            gpu,
+        let mut back = Segment::default();
+        back.push(
             "roi align",
-            lv,
-            sizes.resized,
-            0,
-            &proposals,
-            &proposal_count,
-            &rois.buf,
-        )?];
-        back.extend(take_dispatches(&mlp));
+            roi.encode(
+                gpu,
+                "roi align",
+                lv,
+                sizes.resized,
+                0,
+                &proposals,
+                &proposal_count,
+                &rois.buf,
+            )?,
+        );
+        back.extend_plan(&mlp, |_| "box mlp");
         let logits = mlp.output("box.logits").expect("mlp output");
         let deltas = mlp.output("box.deltas").expect("mlp output");
-        back.extend(post.encode_candidates(
-            gpu,
-            &logits.buf,
-            &deltas.buf,
-            &proposals,
-            &proposal_count,
-            sizes.resized,
-            &post_bufs,
-        )?);
-        back.extend(det_nms.encode(
-            gpu,
+        back.extend(
+            "box postprocess",
+            post.encode_candidates(
+                gpu,
+                &logits.buf,
+                &deltas.buf,
+                &proposals,
+                &proposal_count,
+                sizes.resized,
+                &post_bufs,
+            )?,
+        );
+        back.extend(
             "box nms",
-            &NmsIo {
-                boxes: &post_bufs.cand_boxes,
-                scores: &post_bufs.cand_scores,
-                ids: Some(&post_bufs.cand_labels),
-                count: &post_bufs.cand_count,
-                count_index: 0,
-                keep: &det_keep,
-                keep_count: &det_keep_count,
-                keep_count_index: 0,
-            },
-            &det_scratch,
-        )?);
-        back.push(post.encode_finalize(
-            gpu,
-            &post_bufs,
-            &det_keep,
-            &det_keep_count,
-            sizes.resized,
-            sizes.orig,
-            &dets,
-            &det_count,
-        )?);
+            det_nms.encode(
+                gpu,
+                "box nms",
+                &NmsIo {
+                    boxes: &post_bufs.cand_boxes,
+                    scores: &post_bufs.cand_scores,
+                    ids: Some(&post_bufs.cand_labels),
+                    count: &post_bufs.cand_count,
+                    count_index: 0,
+                    keep: &det_keep,
+                    keep_count: &det_keep_count,
+                    keep_count_index: 0,
+                },
+                &det_scratch,
+            )?,
+        );
+        back.push(
+            "finalize",
+            post.encode_finalize(
+                gpu,
+                post_bufs.candidates(),
+                &det_keep,
+                &det_keep_count,
+                sizes.resized,
+                sizes.orig,
+                &dets,
+                &det_count,
+            )?,
+        );
+        let refine = match &self.refine_head {
+            None => None,
+            Some(head) => {
+                let features = mlp.output("box.features").expect("mlp output");
+                let stage = RefineStage::new(
+                    gpu,
+                    head,
+                    &RefineInputs {
+                        levels: lv,
+                        resized: sizes.resized,
+                        orig: sizes.orig,
+                        features: &features.buf,
+                    },
+                    post.max_det,
+                    cfg.box_head.min_size,
+                )?;
+                let mut list = Segment::default();
+                list.push(
+                    "refine",
+                    stage.gather(
+                        gpu,
+                        &det_keep,
+                        &det_keep_count,
+                        post_bufs.candidates(),
+                        &post_bufs.cand_rows,
+                    )?,
+                );
+                list.0.extend(stage.dispatches.iter().map(|(d, f)| Staged {
+                    stage: "refine",
+                    dispatch: d.clone(),
+                    flops: *f,
+                }));
+                Some((stage, list))
+            }
+        };
         Ok(SizePlan {
             sizes,
             image,
@@ -433,21 +592,34 @@ impl<'g> Detector<'g> {
             _det_scratch: det_scratch,
             det_nms_capacity,
             head_bytes,
-            readback: gpu.staging("detections read-back staging", 8 + post.max_det as u64 * 32),
+            // Counts, rows and (with a refinement head) its count and per-detection state.
+            readback: gpu.staging(
+                "detections read-back staging",
+                24 + post.max_det as u64 * 40,
+            ),
             dets,
             det_count,
             front,
             middle,
             back,
+            refine,
         })
     }
 
     /// Detects on one image: one submission, one read-back.
     pub fn detect(&mut self, image: &ImageF32) -> Result<Detections> {
         let gpu = self.gpu;
+        let refine = self.refine_enabled;
         let p = self.upload(image)?;
-        gpu.run("detect", p.front.iter().chain(&p.middle).chain(&p.back))?;
-        finish(gpu, p)
+        gpu.run(
+            "detect",
+            p.front
+                .dispatches()
+                .chain(p.middle.dispatches())
+                .chain(p.back.dispatches())
+                .chain(refine_list(p, refine)),
+        )?;
+        finish(gpu, p, refine)
     }
 
     /// Each image of a batch runs as its own plan, so results equal single-image runs exactly.
@@ -475,10 +647,15 @@ impl<'g> Detector<'g> {
     pub fn detect_debug(&mut self, image: &ImageF32) -> Result<(Detections, DebugStages)> {
         let gpu = self.gpu;
         let num_classes = self.num_classes;
+        let refine = self.refine_enabled;
         let p = self.upload(image)?;
         gpu.run(
             "detect (debug)",
-            p.front.iter().chain(&p.middle).chain(&p.back),
+            p.front
+                .dispatches()
+                .chain(p.middle.dispatches())
+                .chain(p.back.dispatches())
+                .chain(refine_list(p, refine)),
         )?;
         let mut st = DebugStages {
             tensors: vec![("transform.image".into(), p.x.shape, p.x.read(gpu)?)],
@@ -490,7 +667,8 @@ impl<'g> Detector<'g> {
         }
         read_middle(gpu, p, &mut st)?;
         read_back(gpu, p, &mut st, num_classes)?;
-        let d = finish(gpu, p)?;
+        read_refine(gpu, p, &mut st, refine)?;
+        let d = finish(gpu, p, refine)?;
         Ok((d, st))
     }
 
@@ -504,21 +682,10 @@ impl<'g> Detector<'g> {
     ) -> Result<(Detections, DebugStages)> {
         let num_classes = self.num_classes;
         let gpu = self.gpu;
+        let refine = self.refine_enabled;
         let p = self.plan(image_hw.0, image_hw.1)?;
-        if fpn.len() != 5 {
-            return Err(Error::shape("teacher forcing", "need 5 FPN levels"));
-        }
-        for (n, (s, d)) in FPN_NAMES.iter().zip(fpn) {
-            let t = p.backbone.output(n).expect("fpn output");
-            if t.shape != *s {
-                return Err(Error::shape(
-                    "teacher forcing",
-                    format!("{n}: reference {s}, engine {}", t.shape),
-                ));
-            }
-            gpu.queue.write_buffer(&t.buf, 0, bytemuck::cast_slice(d));
-        }
-        gpu.run("rpn (teacher-forced)", &p.middle)?;
+        write_fpn(gpu, p, fpn)?;
+        gpu.run("rpn (teacher-forced)", p.middle.dispatches())?;
         let mut st = DebugStages::default();
         read_middle(gpu, p, &mut st)?;
         if let Some(props) = proposals {
@@ -539,10 +706,71 @@ impl<'g> Detector<'g> {
                 bytemuck::bytes_of(&(props.len() as u32)),
             );
         }
-        gpu.run("box head (teacher-forced)", &p.back)?;
+        gpu.run(
+            "box head (teacher-forced)",
+            p.back.dispatches().chain(refine_list(p, refine)),
+        )?;
         read_back(gpu, p, &mut st, num_classes)?;
-        let d = finish(gpu, p)?;
+        read_refine(gpu, p, &mut st, refine)?;
+        let d = finish(gpu, p, refine)?;
         Ok((d, st))
+    }
+
+    /// The refinement head alone, teacher-forced: on the reference FPN levels (NHWC, in
+    /// FPN_NAMES order) and the reference's input detections (resized-image coordinates) with
+    /// their box-head representations (`features`, [D, R] row-major). Errors without a head.
+    pub fn refine_teacher_forced(
+        &mut self,
+        image_hw: (usize, usize),
+        fpn: &[(Nhwc, Vec<f32>)],
+        inputs: &[RefineInput],
+        features: &[f32],
+    ) -> Result<(Detections, RefineDebug)> {
+        let gpu = self.gpu;
+        let Some(head) = self.refine_head.as_ref() else {
+            return Err(Error::Invalid(
+                "the weights have no refinement head to teacher-force".into(),
+            ));
+        };
+        let r = head.representation;
+        if features.len() != inputs.len() * r {
+            return Err(Error::shape(
+                "refine teacher forcing",
+                format!(
+                    "{} feature values for {} detections of {r}",
+                    features.len(),
+                    inputs.len()
+                ),
+            ));
+        }
+        let p = self.plan(image_hw.0, image_hw.1)?;
+        write_fpn(gpu, p, fpn)?;
+        let (stage, list) = p.refine.as_ref().expect("a head has a stage");
+        stage.write_input(gpu, inputs)?;
+        let fb = &p.mlp.output("box.features").expect("mlp output").buf;
+        if !features.is_empty() {
+            gpu.queue
+                .write_buffer(fb, 0, bytemuck::cast_slice(features));
+        }
+        // Skip the gather (the first dispatch): the input rows were written above.
+        gpu.run("refine (teacher-forced)", list.dispatches().skip(1))?;
+        let dbg = stage.read_debug(gpu)?;
+        let dets = stage.read_detections(gpu)?;
+        Ok((
+            Detections {
+                sizes: p.sizes,
+                detections: dets
+                    .into_iter()
+                    .map(|d| Detection {
+                        bbox: d.bbox,
+                        score: d.score,
+                        label: d.label,
+                    })
+                    .collect(),
+                refine: Some(summary(stage, &dbg)),
+            },
+            dbg,
+        ))
     }
 
     /// Bytes of every GPU buffer a plan of this size allocated: activations (after lifetime
@@ -557,29 +785,30 @@ impl<'g> Detector<'g> {
             + p.head_bytes)
     }
 
-    /// Every dispatch of the plan for an `h`×`w` input, in run order, with its stage (one of
-    /// [`STAGES`], classified by dispatch label; "other" for an unknown label) and its FLOPs
-    /// (convolutions and linears; 0 for everything else). For benchmarks that time each stage with
-    /// GPU timestamps: these are the very dispatches [`Detector::detect`] submits.
+    /// Every dispatch of the plan for an `h`×`w` input, in run order, with the stage it was
+    /// tagged with when recorded (one of [`STAGES`]) and its FLOPs (convolutions and linear
+    /// layers; 0 for everything else). For benchmarks that time each stage with GPU timestamps:
+    /// these are the very dispatches [`Detector::detect`] submits (the refinement head's only
+    /// while it is enabled).
     pub fn timed_stages(
         &mut self,
         h: usize,
         w: usize,
     ) -> Result<Vec<(&'static str, &Dispatch, f64)>> {
+        let refine = self.refine_enabled;
         let p = self.plan(h, w)?;
-        let flops: HashMap<&str, f64> = [&p.backbone, &p.rpn_head, &p.mlp]
-            .into_iter()
-            .flat_map(|pl| pl.ops.iter())
-            .map(|o| (o.dispatch.label.as_str(), o.flops))
-            .collect();
-        Ok(p.front
+        let tail = p
+            .refine
             .iter()
-            .chain(&p.middle)
-            .chain(&p.back)
-            .map(|d| {
-                let f = flops.get(d.label.as_str()).copied().unwrap_or(0.0);
-                (stage_of(&d.label), d, f)
-            })
+            .filter(|_| refine)
+            .flat_map(|(_, l)| l.0.iter());
+        Ok(p.front
+            .0
+            .iter()
+            .chain(&p.middle.0)
+            .chain(&p.back.0)
+            .chain(tail)
+            .map(|s| (s.stage, &s.dispatch, s.flops))
             .collect())
     }
 
@@ -589,7 +818,7 @@ impl<'g> Detector<'g> {
 }
 
 /// The stages [`Detector::timed_stages`] reports, in run order.
-pub const STAGES: [&str; 11] = [
+pub const STAGES: [&str; 12] = [
     "transform",
     "body",
     "fpn",
@@ -601,29 +830,8 @@ pub const STAGES: [&str; 11] = [
     "box postprocess",
     "box nms",
     "finalize",
+    "refine",
 ];
-
-/// Stage of a dispatch, by the label prefixes the plan gives its dispatches. "rpn proposals" is
-/// top-k, decode, filters and the gather after NMS.
-fn stage_of(label: &str) -> &'static str {
-    let prefixes = [
-        ("transform", "transform"),
-        ("backbone.body", "body"),
-        ("backbone.fpn", "fpn"),
-        ("rpn.head", "rpn head"),
-        ("rpn nms", "rpn nms"),
-        ("rpn", "rpn proposals"),
-        ("roi align", "roi align"),
-        ("roi_heads.", "box mlp"),
-        ("box nms", "box nms"),
-        ("box_head.finalize", "finalize"),
-        ("box_head.", "box postprocess"),
-    ];
-    prefixes
-        .iter()
-        .find(|(p, _)| label.starts_with(p))
-        .map_or("other", |(_, s)| s)
-}
 
 /// Compiles every convolution and pool variant of the graphs up front, on all cores: these are
 /// nearly all of the model's pipelines (35 of 57 for ResNet-50 + FPN), each created once however
@@ -654,9 +862,51 @@ fn prepare_pipelines(gpu: &Gpu, graphs: [&Graph; 3]) -> Result<()> {
     Ok(())
 }
 
-/// Clones a plan's dispatches into a segment list (dispatches are cheap handles).
-fn take_dispatches(p: &Plan) -> Vec<Dispatch> {
-    p.dispatches().cloned().collect()
+/// Writes reference FPN levels (NHWC, FPN_NAMES order) into a plan's level buffers.
+fn write_fpn(gpu: &Gpu, p: &SizePlan, fpn: &[(Nhwc, Vec<f32>)]) -> Result<()> {
+    if fpn.len() != 5 {
+        return Err(Error::shape("teacher forcing", "need 5 FPN levels"));
+    }
+    for (n, (s, d)) in FPN_NAMES.iter().zip(fpn) {
+        let t = p.backbone.output(n).expect("fpn output");
+        if t.shape != *s || d.len() != s.len() {
+            return Err(Error::shape(
+                "teacher forcing",
+                format!("{n}: reference {s}, engine {}", t.shape),
+            ));
+        }
+        gpu.queue.write_buffer(&t.buf, 0, bytemuck::cast_slice(d));
+    }
+    Ok(())
+}
+
+/// The refinement dispatches to run after the box head (none when off or absent).
+fn refine_list(p: &SizePlan, on: bool) -> impl Iterator<Item = &Dispatch> {
+    p.refine
+        .iter()
+        .filter(move |_| on)
+        .flat_map(|(_, list)| list.dispatches())
+}
+
+fn summary(stage: &RefineStage, dbg: &RefineDebug) -> RefineSummary {
+    let (stopped_at_step, never_stopped) = RefineStage::stop_counts(dbg, stage.steps);
+    RefineSummary {
+        cell: stage.kernels.cell.name(),
+        steps: stage.steps,
+        inputs: dbg.detections,
+        stopped_at_step,
+        never_stopped,
+    }
+}
+
+/// Reads the refinement head's intermediates and the plain detections it started from.
+fn read_refine(gpu: &Gpu, p: &SizePlan, st: &mut DebugStages, on: bool) -> Result<()> {
+    let (Some((stage, _)), true) = (&p.refine, on) else {
+        return Ok(());
+    };
+    st.refine = Some(stage.read_debug(gpu)?);
+    st.plain = Some(finish(gpu, p, false)?.detections);
+    Ok(())
 }
 
 fn u32s(b: &[u8]) -> Vec<u32> {
@@ -703,17 +953,25 @@ fn read_back(gpu: &Gpu, p: &SizePlan, st: &mut DebugStages, num_classes: usize) 
     Ok(())
 }
 
-/// The one read-back: detection count, rows, and the candidate count (overflow check).
-fn finish(gpu: &Gpu, p: &SizePlan) -> Result<Detections> {
-    let r = gpu.read_back_via(
-        &p.readback,
-        &[
-            (&p.det_count, 4),
-            (&p.post_bufs.cand_count, 4),
-            (&p.dets, p.post.max_det as u64 * 32),
-        ],
-    )?;
-    let n = u32s(&r[0])[0] as usize;
+/// The one read-back: detection count, rows, and the candidate count (overflow check); with
+/// `refined`, the refinement head's detections and stop steps instead of the box head's.
+fn finish(gpu: &Gpu, p: &SizePlan, refined: bool) -> Result<Detections> {
+    let refine = p.refine.as_ref().filter(|_| refined).map(|(s, _)| s);
+    let (count, rows) = match refine {
+        Some(st) => (&st.det_count, &st.dets),
+        None => (&p.det_count, &p.dets),
+    };
+    let mut parts = vec![
+        (count, 4),
+        (&p.post_bufs.cand_count, 4),
+        (rows, p.post.max_det as u64 * 32),
+    ];
+    if let Some(st) = refine {
+        parts.push((&st.state.count, 4));
+        parts.push((&st.state.state, st.kernels.cap as u64 * 8));
+    }
+    let r = gpu.read_back_via(&p.readback, &parts)?;
+    let n = (u32s(&r[0])[0] as usize).min(p.post.max_det);
     let cands = u32s(&r[1])[0] as usize;
     if cands > p.det_nms_capacity {
         return Err(Error::TooLarge(format!(
@@ -732,8 +990,19 @@ fn finish(gpu: &Gpu, p: &SizePlan) -> Result<Detections> {
             label: r[5] as usize,
         })
         .collect();
+    let refine = refine.map(|st| {
+        let d = (u32s(&r[3])[0] as usize).min(st.kernels.cap);
+        let state = u32s(&r[4]);
+        let dbg = RefineDebug {
+            detections: d,
+            stop_step: (0..d).map(|i| state[2 * i + 1]).collect(),
+            ..Default::default()
+        };
+        summary(st, &dbg)
+    });
     Ok(Detections {
         sizes: p.sizes,
         detections,
+        refine,
     })
 }

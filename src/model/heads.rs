@@ -196,8 +196,9 @@ impl BoxMlp {
         })
     }
 
-    /// Adds the MLP over `rois` ([1, 1, K, P·P·C] features) → (logits [1,1,K,C], deltas [1,1,K,4C]).
-    pub fn add(&self, g: &mut Graph, rois: ValueId) -> (ValueId, ValueId) {
+    /// Adds the MLP over `rois` ([1, 1, K, P·P·C] features) → (logits [1,1,K,C], deltas [1,1,K,4C],
+    /// the TwoMLPHead representation [1,1,K,R] that the refinement head starts from).
+    pub fn add(&self, g: &mut Graph, rois: ValueId) -> (ValueId, ValueId, ValueId) {
         let x6 = g.conv(
             "roi_heads.box_head.fc6",
             self.fc6.0,
@@ -226,6 +227,6 @@ impl BoxMlp {
             x7,
             None,
         );
-        (l, d)
+        (l, d, x7)
     }
 }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod detector;
 pub mod graph;
 pub mod heads;
+pub mod refine;
 pub mod weights;
 
 use std::collections::HashMap;

@@ -40,6 +40,7 @@ pub const KERNEL_COMPACT: KernelIo = KernelIo {
         Binding::read_write("cand_boxes"),
         Binding::read_write("cand_scores"),
         Binding::read_write("cand_labels"),
+        Binding::read_write("cand_rows"),
         Binding::read_write("cand_count"),
     ],
 };
@@ -127,7 +128,29 @@ pub struct BoxBuffers {
     pub cand_boxes: wgpu::Buffer,
     pub cand_scores: wgpu::Buffer,
     pub cand_labels: wgpu::Buffer,
+    /// The proposal row each candidate came from (the refinement head gathers its features).
+    pub cand_rows: wgpu::Buffer,
     pub cand_count: wgpu::Buffer,
+}
+
+impl BoxBuffers {
+    /// The candidate lists as the final gather reads them.
+    pub fn candidates(&self) -> Candidates<'_> {
+        Candidates {
+            boxes: &self.cand_boxes,
+            scores: &self.cand_scores,
+            labels: &self.cand_labels,
+        }
+    }
+}
+
+/// Scored, labelled boxes in resized-image coordinates that an NMS keep list indexes: the box
+/// head's candidates, or the refinement head's refined detections.
+#[derive(Clone, Copy)]
+pub struct Candidates<'a> {
+    pub boxes: &'a wgpu::Buffer,
+    pub scores: &'a wgpu::Buffer,
+    pub labels: &'a wgpu::Buffer,
 }
 
 params_struct! {
@@ -177,6 +200,7 @@ impl BoxPostprocess {
             cand_boxes: gpu.storage("box_head candidate boxes", n * 16)?,
             cand_scores: gpu.storage("box_head candidate scores", n * 4)?,
             cand_labels: gpu.storage("box_head candidate labels", n * 4)?,
+            cand_rows: gpu.storage("box_head candidate source rows", n * 4)?,
             cand_count: gpu.storage("box_head candidate count", 4)?,
         })
     }
@@ -263,6 +287,7 @@ impl BoxPostprocess {
                     ("cand_boxes", &bufs.cand_boxes),
                     ("cand_scores", &bufs.cand_scores),
                     ("cand_labels", &bufs.cand_labels),
+                    ("cand_rows", &bufs.cand_rows),
                     ("cand_count", &bufs.cand_count),
                 ],
                 [1, 1, 1],
@@ -277,7 +302,7 @@ impl BoxPostprocess {
     pub fn encode_finalize(
         &self,
         gpu: &Gpu,
-        bufs: &BoxBuffers,
+        cand: Candidates<'_>,
         keep: &wgpu::Buffer,
         keep_count: &wgpu::Buffer,
         resized: (usize, usize),
@@ -301,9 +326,9 @@ impl BoxPostprocess {
             &consts,
             &params,
             &[
-                ("cand_boxes", &bufs.cand_boxes),
-                ("cand_scores", &bufs.cand_scores),
-                ("cand_labels", &bufs.cand_labels),
+                ("cand_boxes", cand.boxes),
+                ("cand_scores", cand.scores),
+                ("cand_labels", cand.labels),
                 ("keep", keep),
                 ("keep_count", keep_count),
                 ("dets", dets),

@@ -367,6 +367,8 @@ pub fn all_variants() -> Vec<KernelVariant> {
         nms::variants(),
         roi_align::variants(),
         box_head::variants(),
+        linalg::variants(),
+        refine::variants(),
     ]
     .into_iter()
     .flatten()

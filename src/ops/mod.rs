@@ -4,8 +4,10 @@
 pub mod box_head;
 pub mod contract;
 pub mod conv;
+pub mod linalg;
 pub mod nms;
 pub mod pool;
+pub mod refine;
 pub mod roi_align;
 pub mod rpn;
 pub mod topk;

@@ -411,6 +411,20 @@ impl Case {
         if self.provenance.is_none() {
             self.provenance = Some(provenance.clone());
         }
+        let result = match &self.provenance {
+            // The case's detections (and so its cell ids) came from one configuration; a field
+            // counted another way would not belong to it.
+            Some(p) if p.refinement_head != provenance.refinement_head => Err(format!(
+                "this case was counted {} the refinement head; restart marrow serve {}",
+                if p.refinement_head { "with" } else { "without" },
+                if p.refinement_head {
+                    "without --no-refine"
+                } else {
+                    "with --no-refine"
+                }
+            )),
+            _ => result,
+        };
         match result {
             Ok(ic) => self.set_model_cells(i, ic),
             Err(msg) => self.images[i].status = Status::Failed(msg),

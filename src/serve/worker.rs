@@ -100,7 +100,7 @@ fn run(
         time: document::now_rfc3339(),
         tiling,
         tile_overlap: overlap,
-        refinement_head: false,
+        refinement_head: counter.refines(),
         shard: None,
         inputs_total: 0,
         input_indices: Vec::new(),
