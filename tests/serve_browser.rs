@@ -607,5 +607,8 @@ fn review_in_a_real_browser() {
     eprintln!("browser review test: {:.1} s", t0.elapsed().as_secs_f64());
     drop(b);
     drop(server);
-    serve_common::clean(&[&profile, folder.parent().unwrap()]);
+    serve_common::clean(&[&profile, folder.parent().unwrap(), bad.parent().unwrap()]);
+    if std::env::var_os("MARROW_SCREENSHOTS").is_none() {
+        serve_common::clean(&[&shots]);
+    }
 }
