@@ -436,13 +436,15 @@ fn check_case(
     panic!("20 random draws all hit a knife edge");
 }
 
-#[test]
-fn gru_head_matches_cpu_on_random_shapes() {
-    let mut rng = Rng::for_test("gru_head_matches_cpu_on_random_shapes");
-    // A mix of stops, one detection over 5 steps, 100 detections, one step.
-    check_case(&mut rng, false, 13, 9, 20, 3, 0.0);
-    check_case(&mut rng, false, 7, 5, 1, 5, 0.0);
-    check_case(&mut rng, false, 30, 20, 100, 1, 0.0);
+/// Both cells on the same spread of shapes: a mix of stops at H, K not multiples of 4, one
+/// detection over 5 steps, 100 detections (1 step for the GRU, 5 for the LSTM), then a fully
+/// random shape and stop bias.
+fn cell_matches_cpu_on_random_shapes(lstm: bool, name: &str) {
+    let mut rng = Rng::for_test(name);
+    let t100 = if lstm { 5 } else { 1 };
+    check_case(&mut rng, lstm, 13, 9, 20, 3, 0.0);
+    check_case(&mut rng, lstm, 7, 11, 1, 5, 0.0);
+    check_case(&mut rng, lstm, 30, 20, 100, t100, 0.0);
     let (h, k, d, t) = (
         rng.range(1, 40),
         rng.range(1, 33),
@@ -450,23 +452,17 @@ fn gru_head_matches_cpu_on_random_shapes() {
         rng.range(1, 5),
     );
     let bias = rng.uniform() * 4.0 - 2.0;
-    check_case(&mut rng, false, h, k, d, t, bias);
+    check_case(&mut rng, lstm, h, k, d, t, bias);
+}
+
+#[test]
+fn gru_head_matches_cpu_on_random_shapes() {
+    cell_matches_cpu_on_random_shapes(false, "gru_head_matches_cpu_on_random_shapes");
 }
 
 #[test]
 fn lstm_head_matches_cpu_on_random_shapes() {
-    let mut rng = Rng::for_test("lstm_head_matches_cpu_on_random_shapes");
-    check_case(&mut rng, true, 13, 9, 20, 3, 0.0);
-    check_case(&mut rng, true, 6, 11, 1, 5, 0.0);
-    check_case(&mut rng, true, 30, 20, 100, 5, 0.0);
-    let (h, k, d, t) = (
-        rng.range(1, 40),
-        rng.range(1, 33),
-        rng.range(1, 30),
-        rng.range(1, 5),
-    );
-    let bias = rng.uniform() * 4.0 - 2.0;
-    check_case(&mut rng, true, h, k, d, t, bias);
+    cell_matches_cpu_on_random_shapes(true, "lstm_head_matches_cpu_on_random_shapes");
 }
 
 #[test]
@@ -531,16 +527,23 @@ fn mismatched_heads_are_load_errors_naming_the_tensor() {
     let e = load_err(&rh.store, 8, 12, 5);
     assert!(e.contains("refine.cls.weight"), "{e}");
     // Config vs tensors.
-    let with_config = |v: serde_json::Value| {
+    // The same tensors (less `drop`) under another `refine` config.
+    let rebuilt = |v: Option<serde_json::Value>, drop: &str| {
         let mut cfg = rh.store.config.clone();
-        cfg.refine = Some(v);
-        let t = rh.store.names().map(|n| {
-            let s = rh.store.shape(n).unwrap().to_vec();
-            let data = rh.store.get(n, &s).unwrap().to_vec();
-            (n.to_string(), HostTensor { shape: s, data })
-        });
-        WeightStore::from_tensors("head.safetensors", cfg, t.collect::<Vec<_>>()).unwrap()
+        cfg.refine = v;
+        let t: Vec<_> = rh
+            .store
+            .names()
+            .filter(|n| *n != drop)
+            .map(|n| {
+                let s = rh.store.shape(n).unwrap().to_vec();
+                let data = rh.store.get(n, &s).unwrap().to_vec();
+                (n.to_string(), HostTensor { shape: s, data })
+            })
+            .collect();
+        WeightStore::from_tensors("head.safetensors", cfg, t).unwrap()
     };
+    let with_config = |v: serde_json::Value| rebuilt(Some(v), "");
     let e = load_err(
         &with_config(serde_json::json!({"cell": "gru", "hidden": 11, "key": 6, "steps": 3})),
         8,
@@ -582,20 +585,12 @@ fn mismatched_heads_are_load_errors_naming_the_tensor() {
     let e = load_err(&with_config(serde_json::Value::Null), 8, 12, 4);
     assert!(e.contains("no `refine` object"), "{e}");
     // A missing tensor.
-    let mut cfg = rh.store.config.clone();
-    cfg.refine = rh.store.config.refine.clone();
-    let t: Vec<_> = rh
-        .store
-        .names()
-        .filter(|n| *n != "refine.beta")
-        .map(|n| {
-            let s = rh.store.shape(n).unwrap().to_vec();
-            let data = rh.store.get(n, &s).unwrap().to_vec();
-            (n.to_string(), HostTensor { shape: s, data })
-        })
-        .collect();
-    let st = WeightStore::from_tensors("head.safetensors", cfg, t).unwrap();
-    let e = load_err(&st, 8, 12, 4);
+    let e = load_err(
+        &rebuilt(rh.store.config.refine.clone(), "refine.beta"),
+        8,
+        12,
+        4,
+    );
     assert!(e.contains("refine.beta") && e.contains("missing"), "{e}");
 }
 

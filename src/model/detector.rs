@@ -774,7 +774,8 @@ impl<'g> Detector<'g> {
     }
 
     /// Bytes of every GPU buffer a plan of this size allocated: activations (after lifetime
-    /// reuse), RoI features, the image and transformed image, head buffers and NMS scratch.
+    /// reuse), RoI features, the image and transformed image, head buffers and NMS scratch, and
+    /// the refinement stage's buffers when the weights have a head.
     /// Weights are not included. Allocated-buffer accounting, not a driver measurement.
     pub fn plan_bytes(&mut self, h: usize, w: usize) -> Result<u64> {
         let p = self.plan(h, w)?;
@@ -782,7 +783,8 @@ impl<'g> Detector<'g> {
             + p.rpn_head.activation_bytes
             + p.mlp.activation_bytes
             + p.rois.shape.bytes()
-            + p.head_bytes)
+            + p.head_bytes
+            + p.refine.as_ref().map_or(0, |(stage, _)| stage.bytes))
     }
 
     /// Every dispatch of the plan for an `h`×`w` input, in run order, with the stage it was

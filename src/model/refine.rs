@@ -142,12 +142,9 @@ impl RefineHead {
             return Err(err("refinement head with hidden or key size 0".into()));
         }
         let g = cell.gates() * h;
+        // Shapes are checked by `get`; finiteness by the store at load (`check_finite`).
         let up = |name: &str, shape: &[usize]| -> Result<Buffer> {
-            let data = ws.get(name, shape)?;
-            if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-                return Err(err(format!("tensor {name} has a non-finite value at {i}")));
-            }
-            gpu.upload(name, data)
+            gpu.upload(name, ws.get(name, shape)?)
         };
         let pair = |name: &str, rows: usize, cols: usize| -> Result<(Buffer, Buffer)> {
             Ok((
@@ -161,9 +158,6 @@ impl RefineHead {
                 w.extend_from_slice(ws.get(&format!("{b}.weight"), &[rb, cols])?);
                 let mut bias = ws.get(&format!("{a}.bias"), &[ra])?.to_vec();
                 bias.extend_from_slice(ws.get(&format!("{b}.bias"), &[rb])?);
-                if w.iter().chain(&bias).any(|v| !v.is_finite()) {
-                    return Err(err(format!("tensors {a} / {b} have non-finite values")));
-                }
                 Ok((
                     gpu.upload(&format!("{a}+{b}.weight"), &w)?,
                     gpu.upload(&format!("{a}+{b}.bias"), &bias)?,
@@ -544,12 +538,13 @@ impl RefineStage {
         })
     }
 
-    /// Relabels the finalize dispatch's label for timing (all dispatches start with "refine").
+    /// The stage's dispatches in run order (without the detector's gather).
     pub fn dispatch_list(&self) -> impl Iterator<Item = &Dispatch> {
         self.dispatches.iter().map(|(d, _)| d)
     }
 
-    /// The kernels' sizes and the step parameters, for the detector's gather.
+    /// The detector's gather into this stage: the box head's NMS survivors (`keep`, candidates
+    /// and their proposal rows) become the input rows.
     pub fn gather(
         &self,
         gpu: &Gpu,
