@@ -101,8 +101,8 @@ fn run() -> BenchResult<()> {
         else {
             continue;
         };
-        let x = shapes[node.input].expect("shape");
-        let y = shapes[node.output].expect("shape");
+        let x = shapes[node.inputs[0]].expect("shape");
+        let y = shapes[node.output.expect("a conv has an output")].expect("shape");
         let r = residual.map(|v| shapes[v].expect("shape"));
         net_flops[node.name.starts_with("backbone.fpn") as usize] += op.flops(y);
         match distinct

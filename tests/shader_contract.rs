@@ -653,6 +653,9 @@ fn listed_conv_and_pool_variants_cover_the_fixture_model() {
         let (consts, list) = match &node.op {
             Op::Conv { op, .. } => (format!("{:?}", op.consts(op.tile())), &convs),
             Op::Pool { op } => (format!("{:?}", op.consts()), &pools),
+            // The detector's graphs are convolutions and pools only; the refinement head's
+            // graph is covered by the refine and linalg families' own variants.
+            _ => continue,
         };
         if !list.contains(&consts) {
             missing.push(format!("{}: {consts}", node.name));

@@ -840,7 +840,6 @@ pub const STAGES: [&str; 12] = [
 /// many layers share it, and the size-independent ones, so the first plan finds them compiled.
 /// `MARROW_PIPELINE_THREADS=n` sets the threads (0: none up front, compiled lazily by the plan).
 fn prepare_pipelines(gpu: &Gpu, graphs: [&Graph; 3]) -> Result<()> {
-    use super::graph::Op;
     let threads = std::env::var("MARROW_PIPELINE_THREADS")
         .ok()
         .and_then(|s| s.parse::<usize>().ok())
@@ -855,10 +854,7 @@ fn prepare_pipelines(gpu: &Gpu, graphs: [&Graph; 3]) -> Result<()> {
     let variants: Vec<crate::gpu::Variant> = graphs
         .iter()
         .flat_map(|g| g.nodes.iter())
-        .map(|n| match &n.op {
-            Op::Conv { op, .. } => op.variant(op.tile()),
-            Op::Pool { op } => op.variant(),
-        })
+        .filter_map(|n| n.op.variant())
         .collect();
     gpu.prepare_pipelines(&variants, threads)?;
     Ok(())
@@ -969,8 +965,8 @@ fn finish(gpu: &Gpu, p: &SizePlan, refined: bool) -> Result<Detections> {
         (rows, p.post.max_det as u64 * 32),
     ];
     if let Some(st) = refine {
-        parts.push((&st.state.count, 4));
-        parts.push((&st.state.state, st.kernels.cap as u64 * 8));
+        parts.push((&st.state.count.buf, 4));
+        parts.push((&st.state.state.buf, st.kernels.cap as u64 * 8));
     }
     let r = gpu.read_back_via(&p.readback, &parts)?;
     let n = (u32s(&r[0])[0] as usize).min(p.post.max_det);

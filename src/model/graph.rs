@@ -1,34 +1,142 @@
-//! A tiny dataflow IR for the network (convs and pools over NHWC values), and the planner that
-//! turns it into dispatches for one input size: shapes are inferred, buffers are assigned by
-//! lifetime (a value's buffer is reused once its last reader has run), and every dispatch is
-//! recorded once so a plan can be replayed for each image of that size.
+//! A small dataflow IR for the network and the planner that turns it into dispatches for one
+//! input size: shapes are inferred, buffers are assigned by lifetime (a value's buffer is reused
+//! once its last reader has run), and every dispatch is recorded once so a plan can be replayed
+//! for each image of that size.
+//!
+//! Values are NHWC f32 tensors (or u32 of the same size); a row-major matrix [rows, cols] is any
+//! value whose `n·h·w` is the rows and `c` the columns, so the box head's RoIAlign output
+//! [D, 7, 7, C] is directly the [D·49, C] input of a linear layer. The ops are the backbone's
+//! convolutions and pools, and the linear algebra of the refinement head: linear layers (matmul +
+//! bias + activation), multi-level RoIAlign, batched attention (scores, row softmax and context
+//! fused in one kernel), the recurrent cells (elementwise over the gates) and the refinement step.
+//!
+//! A node reads values and either produces one new value (planned here) or updates **state** in
+//! place: a graph input the caller owns (the refinement head's hidden state, boxes, per-box
+//! flags, debug outputs). Only graph inputs may be written in place, so a planned buffer is never
+//! overwritten while a later node still needs its value; `Graph::shapes` checks this.
 
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::gpu::{Dispatch, Gpu, Nhwc, Tensor};
+use crate::gpu::{Buffer, Dispatch, Gpu, Nhwc, Tensor, Variant};
 use crate::ops::conv::{Conv2d, ConvWeights};
+use crate::ops::linalg::{Linear, LinearIo, LinearWeights};
 use crate::ops::pool::MaxPool2d;
+use crate::ops::refine::{AttentionIo, CellIo, CellKind, RefineKernels, StepIo, StepParams};
+use crate::ops::roi_align::MultiScaleRoiAlign;
 
 /// Index of a value (an activation tensor) in a [`Graph`].
 pub type ValueId = usize;
 
 pub enum Op {
+    /// Inputs `[x]`; the residual (added in the epilogue) is `residual`.
     Conv {
         op: Conv2d,
         weights: Arc<ConvWeights>,
         residual: Option<ValueId>,
     },
-    Pool {
-        op: MaxPool2d,
+    /// Inputs `[x]`.
+    Pool { op: MaxPool2d },
+    /// `y = act(x Wᵀ + b)` over the rows of x. Inputs `[x, count]`: only the first
+    /// `count[0] × rows_per_count` rows (at most all of x's) are computed, so one recorded
+    /// dispatch serves any number of live detections.
+    Linear {
+        op: Linear,
+        weights: Arc<LinearWeights>,
+        rows_per_count: usize,
     },
+    /// torchvision's MultiScaleRoIAlign of the first `count[0]` boxes. Inputs
+    /// `[p2, p3, p4, p5, boxes, count]`; output `[capacity, out, out, C]`.
+    RoiAlign {
+        op: MultiScaleRoiAlign,
+        /// Resized, unpadded image (h, w): the level scales come from it.
+        image_size: (usize, usize),
+    },
+    /// One query per detection over its 49 keys: `softmax(β · q·k / √K)`-weighted values (the
+    /// refinement head's attention, docs/refinement.md). Inputs `[kv, q, count, flags]` with kv
+    /// the fused [keys | values] projection; output the context [cap, 1, 1, K]; writes the
+    /// weights into the per-step debug buffer `[attn]`.
+    Attention {
+        kernels: RefineKernels,
+        params: StepParams,
+        step: usize,
+        beta: Arc<Buffer>,
+    },
+    /// The GRU / LSTM cell on precomputed gate pre-activations. Inputs `[gi, gh, count, flags]`;
+    /// writes `[h]` (GRU) or `[h, c]` (LSTM) of the active detections in place.
+    Cell { kernels: RefineKernels },
+    /// Delta decoding, clipping and the stop rule for one step. Inputs `[heads, count]`; writes
+    /// `[flags, boxes, step_boxes, stop_prob]`.
+    RefineStep {
+        kernels: RefineKernels,
+        params: StepParams,
+        step: usize,
+    },
+}
+
+impl Op {
+    /// The pipeline variant a node of this op compiles, for compiling ahead of the first plan
+    /// (the refinement head's own kernels compile when its stage is first planned).
+    pub fn variant(&self) -> Option<Variant> {
+        match self {
+            Op::Conv { op, .. } => Some(op.variant(op.tile())),
+            Op::Pool { op } => Some(op.variant()),
+            Op::Linear { op, .. } => Some(op.variant()),
+            _ => None,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Op::Conv { .. } => "conv",
+            Op::Pool { .. } => "pool",
+            Op::Linear { .. } => "linear",
+            Op::RoiAlign { .. } => "roi_align",
+            Op::Attention { .. } => "attention",
+            Op::Cell { .. } => "cell",
+            Op::RefineStep { .. } => "refine step",
+        }
+    }
+
+    /// (inputs, in-place writes) the op takes (a linear layer writes 0 or 1).
+    fn arity(&self) -> (usize, usize) {
+        match self {
+            Op::Conv { .. } | Op::Pool { .. } => (1, 0),
+            Op::Linear { .. } => (2, 0),
+            Op::RoiAlign { .. } => (6, 0),
+            Op::Attention { .. } => (4, 1),
+            Op::Cell { kernels } => (
+                4,
+                match kernels.cell {
+                    CellKind::Gru => 1,
+                    CellKind::Lstm => 2,
+                },
+            ),
+            Op::RefineStep { .. } => (2, 4),
+        }
+    }
 }
 
 pub struct Node {
     pub name: String,
     pub op: Op,
-    pub input: ValueId,
-    pub output: ValueId,
+    /// Values read, in the op's order (see [`Op`]).
+    pub inputs: Vec<ValueId>,
+    /// The value produced, or `None` for a node that only updates state in place.
+    pub output: Option<ValueId>,
+    /// Graph inputs updated in place, in the op's order.
+    pub writes: Vec<ValueId>,
+}
+
+impl Node {
+    /// Every value the node reads, the conv's residual included.
+    pub fn reads(&self) -> impl Iterator<Item = ValueId> + '_ {
+        let residual = match &self.op {
+            Op::Conv { residual, .. } => *residual,
+            _ => None,
+        };
+        self.inputs.iter().copied().chain(residual)
+    }
 }
 
 #[derive(Default)]
@@ -57,6 +165,11 @@ pub struct Plan {
     pub activation_bytes: u64,
 }
 
+/// Rows of a value read as a matrix (`n·h·w`).
+fn rows(s: &Nhwc) -> usize {
+    s.n * s.h * s.w
+}
+
 impl Graph {
     pub fn new_value(&mut self) -> ValueId {
         self.values += 1;
@@ -73,6 +186,30 @@ impl Graph {
         self.outputs.push((name.to_string(), v));
     }
 
+    /// Adds a node producing a new value.
+    fn add(&mut self, name: &str, op: Op, inputs: Vec<ValueId>) -> ValueId {
+        let output = self.new_value();
+        self.nodes.push(Node {
+            name: name.to_string(),
+            op,
+            inputs,
+            output: Some(output),
+            writes: Vec::new(),
+        });
+        output
+    }
+
+    /// Adds a node that only updates graph inputs in place.
+    fn add_update(&mut self, name: &str, op: Op, inputs: Vec<ValueId>, writes: Vec<ValueId>) {
+        self.nodes.push(Node {
+            name: name.to_string(),
+            op,
+            inputs,
+            output: None,
+            writes,
+        });
+    }
+
     pub fn conv(
         &mut self,
         name: &str,
@@ -81,32 +218,142 @@ impl Graph {
         input: ValueId,
         residual: Option<ValueId>,
     ) -> ValueId {
-        let output = self.new_value();
-        self.nodes.push(Node {
-            name: name.to_string(),
-            op: Op::Conv {
+        self.add(
+            name,
+            Op::Conv {
                 op,
                 weights,
                 residual,
             },
-            input,
-            output,
-        });
-        output
+            vec![input],
+        )
     }
 
     pub fn pool(&mut self, name: &str, op: MaxPool2d, input: ValueId) -> ValueId {
+        self.add(name, Op::Pool { op }, vec![input])
+    }
+
+    /// A linear layer over the rows of `x`, of which `count[0] × rows_per_count` are live.
+    pub fn linear(
+        &mut self,
+        name: &str,
+        op: Linear,
+        weights: Arc<LinearWeights>,
+        x: ValueId,
+        count: ValueId,
+        rows_per_count: usize,
+    ) -> ValueId {
+        let lin = Op::Linear {
+            op,
+            weights,
+            rows_per_count,
+        };
+        self.add(name, lin, vec![x, count])
+    }
+
+    /// A linear layer whose result overwrites the graph input `y` (state such as a hidden state).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_into(
+        &mut self,
+        name: &str,
+        op: Linear,
+        weights: Arc<LinearWeights>,
+        x: ValueId,
+        count: ValueId,
+        rows_per_count: usize,
+        y: ValueId,
+    ) {
+        let lin = Op::Linear {
+            op,
+            weights,
+            rows_per_count,
+        };
+        self.add_update(name, lin, vec![x, count], vec![y]);
+    }
+
+    pub fn roi_align(
+        &mut self,
+        name: &str,
+        op: MultiScaleRoiAlign,
+        image_size: (usize, usize),
+        levels: [ValueId; 4],
+        boxes: ValueId,
+        count: ValueId,
+    ) -> ValueId {
+        let mut ins = levels.to_vec();
+        ins.extend([boxes, count]);
+        self.add(name, Op::RoiAlign { op, image_size }, ins)
+    }
+
+    /// The attention of refinement step `step`; returns the context.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &mut self,
+        name: &str,
+        kernels: RefineKernels,
+        params: StepParams,
+        step: usize,
+        beta: Arc<Buffer>,
+        [kv, q, count, flags]: [ValueId; 4],
+        attn: ValueId,
+    ) -> ValueId {
         let output = self.new_value();
         self.nodes.push(Node {
             name: name.to_string(),
-            op: Op::Pool { op },
-            input,
-            output,
+            op: Op::Attention {
+                kernels,
+                params,
+                step,
+                beta,
+            },
+            inputs: vec![kv, q, count, flags],
+            output: Some(output),
+            writes: vec![attn],
         });
         output
     }
 
-    /// Shapes of every value for the given input shapes (in `self.inputs` order).
+    /// The recurrent cell: updates `state` (`[h]`, or `[h, c]` for an LSTM) in place.
+    pub fn cell(
+        &mut self,
+        name: &str,
+        kernels: RefineKernels,
+        [gi, gh, count, flags]: [ValueId; 4],
+        state: &[ValueId],
+    ) {
+        self.add_update(
+            name,
+            Op::Cell { kernels },
+            vec![gi, gh, count, flags],
+            state.to_vec(),
+        );
+    }
+
+    /// Refinement step `step`: decodes `heads` into the boxes and applies the stop rule.
+    #[allow(clippy::too_many_arguments)]
+    pub fn refine_step(
+        &mut self,
+        name: &str,
+        kernels: RefineKernels,
+        params: StepParams,
+        step: usize,
+        [heads, count]: [ValueId; 2],
+        [flags, boxes, step_boxes, stop_prob]: [ValueId; 4],
+    ) {
+        self.add_update(
+            name,
+            Op::RefineStep {
+                kernels,
+                params,
+                step,
+            },
+            vec![heads, count],
+            vec![flags, boxes, step_boxes, stop_prob],
+        );
+    }
+
+    /// Shapes of every value for the given input shapes (in `self.inputs` order). Also checks the
+    /// graph's structure: arities, values defined before use, in-place writes only to inputs.
     pub fn shapes(&self, inputs: &[Nhwc]) -> Result<Vec<Option<Nhwc>>> {
         if inputs.len() != self.inputs.len() {
             return Err(Error::shape(
@@ -119,18 +366,57 @@ impl Graph {
             ));
         }
         let mut shapes = vec![None; self.values];
+        let mut is_input = vec![false; self.values];
         for ((_, v), s) in self.inputs.iter().zip(inputs) {
             shapes[*v] = Some(*s);
+            is_input[*v] = true;
         }
         for n in &self.nodes {
-            let x = shapes[n.input]
-                .ok_or_else(|| Error::shape(&n.name, "input has no shape (graph order)"))?;
-            let y = match &n.op {
-                Op::Conv { op, .. } => op.out_shape(x),
-                Op::Pool { op } => op.out_shape(x),
+            let (ni, nw) = n.op.arity();
+            // A linear layer either produces a value or overwrites one input (`linear_into`).
+            let nw = match n.op {
+                Op::Linear { .. } => n.writes.len().min(1),
+                _ => nw,
+            };
+            if n.inputs.len() != ni || n.writes.len() != nw {
+                return Err(Error::shape(
+                    &n.name,
+                    format!(
+                        "{} node with {} inputs and {} in-place writes; the op takes {ni} and {nw}",
+                        n.op.kind(),
+                        n.inputs.len(),
+                        n.writes.len()
+                    ),
+                ));
             }
-            .map_err(|e| Error::shape(&n.name, e.to_string()))?;
-            shapes[n.output] = Some(y);
+            let mut ins = Vec::with_capacity(ni);
+            for v in n.reads().chain(n.writes.iter().copied()) {
+                let s = shapes.get(v).copied().flatten().ok_or_else(|| {
+                    Error::shape(&n.name, format!("value {v} has no shape (graph order)"))
+                })?;
+                ins.push(s);
+            }
+            if let Some(&w) = n.writes.iter().find(|w| !is_input[**w]) {
+                return Err(Error::shape(
+                    &n.name,
+                    format!(
+                        "writes value {w} in place, but only graph inputs (state the caller \
+                         owns) may be: a planned buffer can be reused while its value is live"
+                    ),
+                ));
+            }
+            let y = out_shape(&n.op, &ins[..ni], &ins[ins.len() - nw..])
+                .map_err(|e| Error::shape(&n.name, e))?;
+            match (n.output, y) {
+                (Some(o), Some(y)) => shapes[o] = Some(y),
+                (None, None) => {}
+                _ => {
+                    return Err(Error::shape(
+                        &n.name,
+                        format!("{} node: output does not match the op", n.op.kind()),
+                    ))
+                }
+            }
         }
         Ok(shapes)
     }
@@ -143,12 +429,8 @@ impl Graph {
         let end = self.nodes.len();
         let mut last_use = vec![0usize; self.values];
         for (i, n) in self.nodes.iter().enumerate() {
-            last_use[n.input] = last_use[n.input].max(i);
-            if let Op::Conv {
-                residual: Some(r), ..
-            } = &n.op
-            {
-                last_use[*r] = last_use[*r].max(i);
+            for v in n.reads() {
+                last_use[v] = last_use[v].max(i);
             }
         }
         for (_, v) in self.outputs.iter().chain(self.inputs.iter()) {
@@ -163,66 +445,44 @@ impl Graph {
         let mut activation_bytes = 0u64;
         let mut ops = Vec::with_capacity(self.nodes.len());
         for (i, n) in self.nodes.iter().enumerate() {
-            let shape = shapes[n.output].expect("shape inferred");
-            // Best fit: the smallest free buffer that holds the value.
-            let need = shape.bytes().max(4);
-            let pick = free
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| b.size() >= need)
-                .min_by_key(|(_, b)| b.size())
-                .map(|(j, _)| j);
-            let y = match pick {
-                Some(j) => Tensor {
-                    buf: free.swap_remove(j),
-                    shape,
-                },
-                None => {
-                    activation_bytes += need;
-                    Tensor::new(gpu, &format!("{label}/{} (activation)", n.name), shape)?
+            let y = match n.output {
+                None => None,
+                Some(o) => {
+                    let shape = shapes[o].expect("shape inferred");
+                    // Best fit: the smallest free buffer that holds the value.
+                    let need = shape.bytes().max(4);
+                    let pick = free
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, b)| b.size() >= need)
+                        .min_by_key(|(_, b)| b.size())
+                        .map(|(j, _)| j);
+                    Some(match pick {
+                        Some(j) => Tensor {
+                            buf: free.swap_remove(j),
+                            shape,
+                        },
+                        None => {
+                            activation_bytes += need;
+                            Tensor::new(gpu, &format!("{label}/{} (activation)", n.name), shape)?
+                        }
+                    })
                 }
             };
-            let x = tensors[n.input].clone().expect("input planned");
-            let (dispatch, flops, min_bytes, conv) = match &n.op {
-                Op::Conv {
-                    op,
-                    weights,
-                    residual,
-                } => {
-                    let r = residual.map(|r| tensors[r].clone().expect("residual planned"));
-                    let d = op.encode(gpu, &n.name, &x, weights, r.as_ref(), &y)?;
-                    let rb = r.map(|t| t.shape.bytes()).unwrap_or(0);
-                    let wb = (op.k() * op.cout + op.cout) as u64 * 4;
-                    (
-                        d,
-                        op.flops(shape),
-                        (x.shape.bytes() + wb + rb + shape.bytes()) as f64,
-                        Some((*op, x.shape)),
-                    )
-                }
-                Op::Pool { op } => (
-                    op.encode(gpu, &n.name, &x, &y)?,
-                    0.0,
-                    (x.shape.bytes() + shape.bytes()) as f64,
-                    None,
-                ),
+            let get = |v: ValueId| tensors[v].clone().expect("value planned");
+            let ins: Vec<Tensor> = n.inputs.iter().map(|&v| get(v)).collect();
+            let writes: Vec<Tensor> = n.writes.iter().map(|&v| get(v)).collect();
+            let residual = match &n.op {
+                Op::Conv { residual, .. } => residual.map(get),
+                _ => None,
             };
-            tensors[n.output] = Some(y);
-            ops.push(PlannedOp {
-                name: n.name.clone(),
-                dispatch,
-                flops,
-                min_bytes,
-                conv,
-            });
-            // Release values whose last reader was this node.
-            let mut release = vec![n.input];
-            if let Op::Conv {
-                residual: Some(r), ..
-            } = &n.op
-            {
-                release.push(*r);
+            let planned = encode(gpu, n, &ins, residual.as_ref(), y.as_ref(), &writes)?;
+            if let (Some(o), Some(y)) = (n.output, y) {
+                tensors[o] = Some(y);
             }
+            ops.push(planned);
+            // Release values whose last reader was this node.
+            let mut release: Vec<ValueId> = n.reads().collect();
             release.sort_unstable();
             release.dedup();
             for v in release {
@@ -233,9 +493,11 @@ impl Graph {
                 }
             }
             // A value nobody reads (dead output) is released at once.
-            if last_use[n.output] == 0 && !self.outputs.iter().any(|(_, o)| *o == n.output) {
-                if let Some(t) = tensors[n.output].take() {
-                    free.push(t.buf);
+            if let Some(o) = n.output {
+                if last_use[o] == 0 && !self.outputs.iter().any(|(_, v)| *v == o) {
+                    if let Some(t) = tensors[o].take() {
+                        free.push(t.buf);
+                    }
                 }
             }
         }
@@ -256,6 +518,246 @@ impl Graph {
             activation_bytes,
         })
     }
+}
+
+/// The output shape of `op` (None for an in-place op) given the shapes of its inputs and of the
+/// state it writes; checks what the shapes must agree on.
+fn out_shape(op: &Op, ins: &[Nhwc], writes: &[Nhwc]) -> std::result::Result<Option<Nhwc>, String> {
+    let at_least = |s: &Nhwc, elems: usize, what: &str| {
+        if s.len() < elems {
+            Err(format!("{what} is {s}, fewer than {elems} values"))
+        } else {
+            Ok(())
+        }
+    };
+    Ok(match op {
+        Op::Conv { op, .. } => Some(op.out_shape(ins[0]).map_err(|e| e.to_string())?),
+        Op::Pool { op } => Some(op.out_shape(ins[0]).map_err(|e| e.to_string())?),
+        Op::Linear {
+            op, rows_per_count, ..
+        } => {
+            let x = ins[0];
+            if x.c != op.inputs {
+                return Err(format!(
+                    "linear {} -> {}: input is {x}",
+                    op.inputs, op.outputs
+                ));
+            }
+            if *rows_per_count == 0 {
+                return Err("linear with 0 rows per count".into());
+            }
+            at_least(&ins[1], 1, "count")?;
+            let y = Nhwc::new(x.n, x.h, x.w, op.outputs);
+            match writes.first() {
+                None => Some(y),
+                Some(t) => {
+                    at_least(t, y.len(), "in-place output")?;
+                    None
+                }
+            }
+        }
+        Op::RoiAlign { op, .. } => {
+            for (i, l) in ins[..4].iter().enumerate() {
+                if l.c != op.channels {
+                    return Err(format!(
+                        "level {i} is {l}; expected {} channels",
+                        op.channels
+                    ));
+                }
+            }
+            at_least(&ins[4], op.capacity * 4, "boxes")?;
+            at_least(&ins[5], 1, "count")?;
+            Some(Nhwc::new(op.capacity, op.output, op.output, op.channels))
+        }
+        Op::Attention { kernels: k, .. } => {
+            let (kv, q) = (ins[0], ins[1]);
+            if rows(&kv) != k.cap * 49 || kv.c != 2 * k.key {
+                return Err(format!(
+                    "keys|values are {kv}; expected {} rows of {}",
+                    k.cap * 49,
+                    2 * k.key
+                ));
+            }
+            if rows(&q) != k.cap || q.c != k.key {
+                return Err(format!(
+                    "query is {q}; expected {} rows of {}",
+                    k.cap, k.key
+                ));
+            }
+            at_least(&ins[2], 1, "count")?;
+            at_least(&ins[3], k.cap * 2, "flags")?;
+            Some(Nhwc::new(k.cap, 1, 1, k.key))
+        }
+        Op::Cell { kernels: k } => {
+            let g = k.cell.gates() * k.hidden;
+            for (s, what) in [(ins[0], "input gates"), (ins[1], "hidden gates")] {
+                if rows(&s) != k.cap || s.c != g {
+                    return Err(format!("{what} are {s}; expected {} rows of {g}", k.cap));
+                }
+            }
+            at_least(&ins[2], 1, "count")?;
+            at_least(&ins[3], k.cap * 2, "flags")?;
+            for w in writes {
+                at_least(w, k.cap * k.hidden, "cell state")?;
+            }
+            None
+        }
+        Op::RefineStep {
+            kernels: k, params, ..
+        } => {
+            if rows(&ins[0]) != k.cap || ins[0].c != 5 {
+                return Err(format!(
+                    "heads are {}; expected {} rows of 5",
+                    ins[0], k.cap
+                ));
+            }
+            at_least(&ins[1], 1, "count")?;
+            at_least(&writes[0], k.cap * 2, "flags")?;
+            at_least(&writes[1], k.cap * 4, "boxes")?;
+            at_least(&writes[2], params.steps * k.cap * 4, "step boxes")?;
+            at_least(&writes[3], params.steps * k.cap, "stop probabilities")?;
+            None
+        }
+    })
+}
+
+/// Records node `n`'s dispatch on planned tensors.
+fn encode(
+    gpu: &Gpu,
+    n: &Node,
+    ins: &[Tensor],
+    residual: Option<&Tensor>,
+    y: Option<&Tensor>,
+    writes: &[Tensor],
+) -> Result<PlannedOp> {
+    let label = n.name.as_str();
+    let out = || y.or(writes.first()).expect("node has an output or a write");
+    let bytes = |ts: &[&Tensor]| ts.iter().map(|t| t.shape.bytes() as f64).sum::<f64>();
+    let (dispatch, flops, min_bytes, conv) = match &n.op {
+        Op::Conv { op, weights, .. } => {
+            let (x, y) = (&ins[0], out());
+            let d = op.encode(gpu, label, x, weights, residual, y)?;
+            let wb = (op.k() * op.cout + op.cout) as f64 * 4.0;
+            let rb = residual.map(|t| t.shape.bytes() as f64).unwrap_or(0.0);
+            (
+                d,
+                op.flops(y.shape),
+                bytes(&[x, y]) + wb + rb,
+                Some((*op, x.shape)),
+            )
+        }
+        Op::Pool { op } => {
+            let (x, y) = (&ins[0], out());
+            (op.encode(gpu, label, x, y)?, 0.0, bytes(&[x, y]), None)
+        }
+        Op::Linear {
+            op,
+            weights,
+            rows_per_count,
+        } => {
+            let (x, count, y) = (&ins[0], &ins[1], out());
+            let m_cap = rows(&x.shape);
+            let io = LinearIo {
+                x: &x.buf,
+                w: &weights.w,
+                b: &weights.b,
+                count: &count.buf,
+                y: &y.buf,
+                m_cap,
+                rows_per_count: *rows_per_count,
+            };
+            let wb = ((op.inputs + 1) * op.outputs) as f64 * 4.0;
+            (
+                op.encode(gpu, label, &io)?,
+                op.flops(m_cap),
+                bytes(&[x]) + wb + (m_cap * op.outputs) as f64 * 4.0,
+                None,
+            )
+        }
+        Op::RoiAlign { op, image_size } => {
+            let levels = [&ins[0], &ins[1], &ins[2], &ins[3]];
+            let y = out();
+            let d = op.encode(
+                gpu,
+                label,
+                levels,
+                *image_size,
+                0,
+                &ins[4].buf,
+                &ins[5].buf,
+                &y.buf,
+            )?;
+            // Each output value reads 4 samples × (bilinear) 4 taps at most; count the output.
+            (d, 0.0, bytes(&[y]), None)
+        }
+        Op::Attention {
+            kernels,
+            params,
+            step,
+            beta,
+        } => {
+            let ctx = y.expect("attention has an output");
+            let io = AttentionIo {
+                kv: &ins[0].buf,
+                q: &ins[1].buf,
+                beta,
+                count: &ins[2].buf,
+                flags: &ins[3].buf,
+                ctx: &ctx.buf,
+                attn: &writes[0].buf,
+            };
+            (
+                kernels.encode_attention(gpu, label, params, *step, &io)?,
+                // Scores and context: a multiply-add per key (value) element and bin.
+                (kernels.cap * 49 * kernels.key * 4) as f64,
+                bytes(&[&ins[0], &ins[1], ctx]),
+                None,
+            )
+        }
+        Op::Cell { kernels } => {
+            let io = CellIo {
+                gi: &ins[0].buf,
+                gh: &ins[1].buf,
+                count: &ins[2].buf,
+                flags: &ins[3].buf,
+                h: &writes[0].buf,
+                c: writes.get(1).map(|t| &*t.buf),
+            };
+            (
+                kernels.encode_cell(gpu, label, &io)?,
+                0.0,
+                bytes(&[&ins[0], &ins[1]]) + bytes(&writes.iter().collect::<Vec<_>>()),
+                None,
+            )
+        }
+        Op::RefineStep {
+            kernels,
+            params,
+            step,
+        } => {
+            let io = StepIo {
+                heads: &ins[0].buf,
+                count: &ins[1].buf,
+                flags: &writes[0].buf,
+                boxes: &writes[1].buf,
+                step_boxes: &writes[2].buf,
+                stop_prob: &writes[3].buf,
+            };
+            (
+                kernels.encode_step(gpu, label, params, *step, &io)?,
+                0.0,
+                bytes(&[&ins[0]]) + (kernels.cap * 4 * 4) as f64,
+                None,
+            )
+        }
+    };
+    Ok(PlannedOp {
+        name: n.name.clone(),
+        dispatch,
+        flops,
+        min_bytes,
+        conv,
+    })
 }
 
 impl Plan {

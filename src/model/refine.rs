@@ -1,16 +1,20 @@
 //! The refinement head (docs/design.md §6) as a detector stage: its weights, checked against its
 //! config and the detector, and the per-size stage that owns its buffers and records its
-//! dispatches: start → T × (RoIAlign → key/value and query projections → attention → cell gates
-//! → cell → delta/stop head → step) → class head → classify → per-class NMS → gather + rescale.
-//! Everything runs for all detections at once with no read-back between steps.
+//! dispatches: start → the step graph (init → T × (RoIAlign → key/value and query projections →
+//! attention → cell gates → cell → delta/stop head → step) → class head), planned by the graph
+//! IR like the backbone → classify → per-class NMS → gather + rescale. Everything runs for all
+//! detections at once with no read-back between steps.
 
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::gpu::{Buffer, Dispatch, Gpu, Tensor};
+use std::sync::Arc;
+
+use crate::gpu::{Buffer, Dispatch, Gpu, Nhwc, Tensor};
+use crate::model::graph::{Graph, Plan, ValueId};
 use crate::model::weights::WeightStore;
 use crate::ops::box_head::{BoxPostprocess, Candidates};
-use crate::ops::linalg::{Activation, Linear, LinearIo};
+use crate::ops::linalg::{Activation, Linear, LinearWeights};
 use crate::ops::nms::{Nms, NmsIo, NmsScratch};
 use crate::ops::refine::{CellKind, RefineKernels, RefineState, StepParams};
 use crate::ops::roi_align::MultiScaleRoiAlign;
@@ -50,14 +54,14 @@ pub struct RefineHead {
     pub channels: usize,
     pub representation: usize,
     pub classes: usize,
-    init: (Buffer, Buffer),
-    kv: (Buffer, Buffer),
-    query: (Buffer, Buffer),
-    beta: Buffer,
-    ih: (Buffer, Buffer),
-    hh: (Buffer, Buffer),
-    heads: (Buffer, Buffer),
-    cls: (Buffer, Buffer),
+    init: Arc<LinearWeights>,
+    kv: Arc<LinearWeights>,
+    query: Arc<LinearWeights>,
+    beta: Arc<Buffer>,
+    ih: Arc<LinearWeights>,
+    hh: Arc<LinearWeights>,
+    heads: Arc<LinearWeights>,
+    cls: Arc<LinearWeights>,
 }
 
 impl RefineHead {
@@ -143,26 +147,34 @@ impl RefineHead {
         }
         let g = cell.gates() * h;
         // Shapes are checked by `get`; finiteness by the store at load (`check_finite`).
-        let up = |name: &str, shape: &[usize]| -> Result<Buffer> {
-            gpu.upload(name, ws.get(name, shape)?)
-        };
-        let pair = |name: &str, rows: usize, cols: usize| -> Result<(Buffer, Buffer)> {
-            Ok((
-                up(&format!("{name}.weight"), &[rows, cols])?,
-                up(&format!("{name}.bias"), &[rows])?,
-            ))
+        let pair = |name: &str, rows: usize, cols: usize| -> Result<Arc<LinearWeights>> {
+            let w = ws.get(&format!("{name}.weight"), &[rows, cols])?;
+            let b = ws.get(&format!("{name}.bias"), &[rows])?;
+            Ok(Arc::new(LinearWeights::upload(gpu, name, w, b)?))
         };
         let stacked =
-            |a: &str, ra: usize, b: &str, rb: usize, cols: usize| -> Result<(Buffer, Buffer)> {
+            |a: &str, ra: usize, b: &str, rb: usize, cols: usize| -> Result<Arc<LinearWeights>> {
                 let mut w = ws.get(&format!("{a}.weight"), &[ra, cols])?.to_vec();
                 w.extend_from_slice(ws.get(&format!("{b}.weight"), &[rb, cols])?);
                 let mut bias = ws.get(&format!("{a}.bias"), &[ra])?.to_vec();
                 bias.extend_from_slice(ws.get(&format!("{b}.bias"), &[rb])?);
-                Ok((
-                    gpu.upload(&format!("{a}+{b}.weight"), &w)?,
-                    gpu.upload(&format!("{a}+{b}.bias"), &bias)?,
-                ))
+                Ok(Arc::new(LinearWeights::upload(
+                    gpu,
+                    &format!("{a}+{b}"),
+                    &w,
+                    &bias,
+                )?))
             };
+        let cell_part = |part: &str, cols: usize| -> Result<Arc<LinearWeights>> {
+            let w = ws.get(&format!("refine.cell.weight_{part}"), &[g, cols])?;
+            let b = ws.get(&format!("refine.cell.bias_{part}"), &[g])?;
+            Ok(Arc::new(LinearWeights::upload(
+                gpu,
+                &format!("refine.cell.{part}"),
+                w,
+                b,
+            )?))
+        };
         let head = RefineHead {
             cell,
             hidden: h,
@@ -173,15 +185,9 @@ impl RefineHead {
             init: pair("refine.init", h, representation)?,
             kv: stacked("refine.key", k, "refine.value", k, channels)?,
             query: pair("refine.query", k, h)?,
-            beta: up("refine.beta", &[1])?,
-            ih: (
-                up("refine.cell.weight_ih", &[g, k])?,
-                up("refine.cell.bias_ih", &[g])?,
-            ),
-            hh: (
-                up("refine.cell.weight_hh", &[g, h])?,
-                up("refine.cell.bias_hh", &[g])?,
-            ),
+            beta: Arc::new(gpu.upload("refine.beta", ws.get("refine.beta", &[1])?)?),
+            ih: cell_part("ih", k)?,
+            hh: cell_part("hh", h)?,
             heads: stacked("refine.delta", 4, "refine.stop", 1, h)?,
             cls: pair("refine.cls", classes, h)?,
             config,
@@ -213,17 +219,19 @@ pub struct RefineStage {
     pub state: RefineState,
     /// Per-step debug outputs: boxes [T, cap, 4], stop probabilities [T, cap], attention
     /// [T, cap, 49]; terminal logits [cap, N] and (score, label) [cap, 2].
-    pub step_boxes: Buffer,
-    pub stop_prob: Buffer,
-    pub attn: Buffer,
-    pub logits: Buffer,
+    pub step_boxes: Tensor,
+    pub stop_prob: Tensor,
+    pub attn: Tensor,
+    pub logits: Tensor,
     pub terminal: Buffer,
     /// Final detections: [max_det, 8] rows as the box head's finalize writes them, and the count.
     pub dets: Buffer,
     pub det_count: Buffer,
+    /// The planned step graph (init → T steps → class head); holds its activation buffers.
+    pub plan: Plan,
     _scratch: Vec<Buffer>,
     _nms_scratch: NmsScratch,
-    /// Bytes of every buffer the stage allocated.
+    /// Bytes of every buffer the stage allocated (the graph's activations included).
     pub bytes: u64,
     /// Dispatches from the input rows to the final detections (run after the input is filled,
     /// by the detector's gather or by teacher forcing), with each one's FLOPs.
@@ -241,6 +249,128 @@ pub struct RefineInputs<'a> {
     pub features: &'a Buffer,
 }
 
+/// The graph's inputs: the detector's FPN levels and the stage's state and debug tensors.
+const GRAPH_INPUTS: [&str; 12] = [
+    "fpn.0",
+    "fpn.1",
+    "fpn.2",
+    "fpn.3",
+    "refine.count",
+    "refine.state",
+    "refine.features",
+    "refine.boxes",
+    "refine.hidden",
+    "refine.cell_state",
+    "refine.step_boxes",
+    "refine.stop_prob",
+];
+
+impl RefineHead {
+    /// The head's per-step computation as a graph for `cap` detections: the hidden state's
+    /// initialisation, then T × (RoIAlign → key/value and query projections → attention → cell
+    /// gates → cell → delta/stop head → step), then the class head. Its inputs are
+    /// [`GRAPH_INPUTS`] followed by "refine.attention" and "refine.logits", which it writes.
+    pub fn graph(&self, cap: usize, roi: MultiScaleRoiAlign, sp: StepParams) -> Graph {
+        let k = self.kernels(cap);
+        let (h, kk, c, n) = (self.hidden, self.key, self.channels, self.classes);
+        let gates = self.cell.gates() * h;
+        let mut g = Graph::default();
+        let ins: Vec<ValueId> = GRAPH_INPUTS.iter().map(|name| g.input(name)).collect();
+        let attn = g.input("refine.attention");
+        let logits = g.input("refine.logits");
+        let levels = [ins[0], ins[1], ins[2], ins[3]];
+        let [count, flags, feat, boxes, hidden, cell_state, step_boxes, stop_prob] = [
+            ins[4], ins[5], ins[6], ins[7], ins[8], ins[9], ins[10], ins[11],
+        ];
+        let lin = |i: usize, o: usize| Linear::new(i, o, Activation::None);
+        g.linear_into(
+            "refine.init",
+            Linear::new(self.representation, h, Activation::Tanh),
+            self.init.clone(),
+            feat,
+            count,
+            1,
+            hidden,
+        );
+        let state: Vec<ValueId> = match self.cell {
+            CellKind::Gru => vec![hidden],
+            CellKind::Lstm => vec![hidden, cell_state],
+        };
+        for step in 1..=sp.steps {
+            let l = |what: &str| format!("refine.{what} (step {step})");
+            let x = g.roi_align(&l("roi_align"), roi, sp.resized, levels, boxes, count);
+            let kv = g.linear(
+                &l("key_value"),
+                lin(c, 2 * kk),
+                self.kv.clone(),
+                x,
+                count,
+                BINS,
+            );
+            let q = g.linear(
+                &l("query"),
+                lin(h, kk),
+                self.query.clone(),
+                hidden,
+                count,
+                1,
+            );
+            let ctx = g.attention(
+                &l("attention"),
+                k,
+                sp,
+                step,
+                self.beta.clone(),
+                [kv, q, count, flags],
+                attn,
+            );
+            let gi = g.linear(
+                &l("cell.ih"),
+                lin(kk, gates),
+                self.ih.clone(),
+                ctx,
+                count,
+                1,
+            );
+            let gh = g.linear(
+                &l("cell.hh"),
+                lin(h, gates),
+                self.hh.clone(),
+                hidden,
+                count,
+                1,
+            );
+            g.cell(&l("cell"), k, [gi, gh, count, flags], &state);
+            let heads = g.linear(
+                &l("delta_stop"),
+                lin(h, 5),
+                self.heads.clone(),
+                hidden,
+                count,
+                1,
+            );
+            g.refine_step(
+                &l("step"),
+                k,
+                sp,
+                step,
+                [heads, count],
+                [flags, boxes, step_boxes, stop_prob],
+            );
+        }
+        g.linear_into(
+            "refine.cls",
+            lin(h, n),
+            self.cls.clone(),
+            hidden,
+            count,
+            1,
+            logits,
+        );
+        g
+    }
+}
+
 impl RefineStage {
     /// Plans the stage for at most `max_det` detections; `box_min_size` is the small-box filter
     /// (torchvision's 1e-2).
@@ -254,8 +384,7 @@ impl RefineStage {
         let cap = max_det.max(1);
         let k = head.kernels(cap);
         let t = head.config.steps;
-        let (h, kk, c, n) = (head.hidden, head.key, head.channels, head.classes);
-        let g = head.cell.gates() * h;
+        let n = head.classes;
         let sp = StepParams {
             resized: inputs.resized,
             stop_threshold: head.config.stop_threshold,
@@ -263,34 +392,21 @@ impl RefineStage {
             steps: t,
         };
         let state = k.state(gpu, "refine")?;
-        let mut bytes = [
-            &state.input,
-            &state.count,
-            &state.feat,
-            &state.boxes,
-            &state.state,
-            &state.h,
-            &state.c,
-        ]
-        .iter()
-        .map(|b| b.size())
-        .sum::<u64>();
+        let mut bytes = state.tensors().iter().map(|t| t.buf.size()).sum::<u64>();
+        let mut tensor = |label: &str, rows: usize, cols: usize| -> Result<Tensor> {
+            let t = Tensor::new(gpu, label, Nhwc::new(rows.max(1), 1, 1, cols))?;
+            bytes += t.buf.size();
+            Ok(t)
+        };
+        let step_boxes = tensor("refine step boxes [T,D,4]", t * cap, 4)?;
+        let stop_prob = tensor("refine stop probabilities [T,D]", t * cap, 1)?;
+        let attn = tensor("refine attention [T,D,49]", t * cap, BINS)?;
+        let logits = tensor("refine class logits [D,N]", cap, n)?;
         let mut alloc = |label: &str, elems: usize| -> Result<Buffer> {
             let b = gpu.storage(label, elems.max(1) as u64 * 4)?;
             bytes += b.size();
             Ok(b)
         };
-        let x = alloc("refine roi features [D*49,C]", cap * BINS * c)?;
-        let kv = alloc("refine keys|values [D*49,2K]", cap * BINS * 2 * kk)?;
-        let q = alloc("refine query [D,K]", cap * kk)?;
-        let ctx = alloc("refine context [D,K]", cap * kk)?;
-        let gi = alloc("refine input gates [D,GH]", cap * g)?;
-        let gh = alloc("refine hidden gates [D,GH]", cap * g)?;
-        let heads = alloc("refine delta|stop [D,5]", cap * 5)?;
-        let step_boxes = alloc("refine step boxes [T,D,4]", t * cap * 4)?;
-        let stop_prob = alloc("refine stop probabilities [T,D]", t * cap)?;
-        let attn = alloc("refine attention [T,D,49]", t * cap * BINS)?;
-        let logits = alloc("refine class logits [D,N]", cap * n)?;
         let terminal = alloc("refine terminal (score, label) [D,2]", cap * 2)?;
         let cand_boxes = alloc("refine candidate boxes", cap * 4)?;
         let cand_scores = alloc("refine candidate scores", cap)?;
@@ -304,152 +420,36 @@ impl RefineStage {
         let nms_scratch = nms.scratch(gpu, "refine nms")?;
         bytes += nms.scratch_bytes();
 
-        let roi = MultiScaleRoiAlign::box_head(cap, c);
-        let lin = |i: usize, o: usize, act| Linear::new(i, o, act);
         let mut d: Vec<(Dispatch, f64)> = Vec::new();
         d.push((
             k.encode_start(gpu, "refine.start", inputs.features, &state)?,
             0.0,
         ));
-        let init = lin(head.representation, h, Activation::Tanh);
-        d.push((
-            init.encode(
-                gpu,
-                "refine.init",
-                &LinearIo {
-                    x: &state.feat,
-                    w: &head.init.0,
-                    b: &head.init.1,
-                    count: &state.count,
-                    y: &state.h,
-                    m_cap: cap,
-                    rows_per_count: 1,
-                },
-            )?,
-            init.flops(cap),
-        ));
-        let kv_op = lin(c, 2 * kk, Activation::None);
-        let q_op = lin(h, kk, Activation::None);
-        let ih_op = lin(kk, g, Activation::None);
-        let hh_op = lin(h, g, Activation::None);
-        let heads_op = lin(h, 5, Activation::None);
-        for step in 1..=t {
-            let l = |what: &str| format!("refine.{what} (step {step})");
-            d.push((
-                roi.encode(
-                    gpu,
-                    &l("roi_align"),
-                    inputs.levels,
-                    inputs.resized,
-                    0,
-                    &state.boxes,
-                    &state.count,
-                    &x,
-                )?,
-                0.0,
-            ));
-            d.push(linear(
-                gpu,
-                &l("key_value"),
-                &kv_op,
-                &x,
-                &head.kv,
-                &kv,
-                &state.count,
-                cap,
-                BINS,
-            )?);
-            d.push(linear(
-                gpu,
-                &l("query"),
-                &q_op,
-                &state.h,
-                &head.query,
-                &q,
-                &state.count,
-                cap,
-                1,
-            )?);
-            d.push((
-                k.encode_attention(
-                    gpu,
-                    &l("attention"),
-                    &sp,
-                    step,
-                    &kv,
-                    &q,
-                    &head.beta,
-                    &state,
-                    &ctx,
-                    &attn,
-                )?,
-                (cap * BINS * kk * 4) as f64,
-            ));
-            d.push(linear(
-                gpu,
-                &l("cell.ih"),
-                &ih_op,
-                &ctx,
-                &head.ih,
-                &gi,
-                &state.count,
-                cap,
-                1,
-            )?);
-            d.push(linear(
-                gpu,
-                &l("cell.hh"),
-                &hh_op,
-                &state.h,
-                &head.hh,
-                &gh,
-                &state.count,
-                cap,
-                1,
-            )?);
-            d.push((k.encode_cell(gpu, &l("cell"), &gi, &gh, &state)?, 0.0));
-            d.push(linear(
-                gpu,
-                &l("delta_stop"),
-                &heads_op,
-                &state.h,
-                &head.heads,
-                &heads,
-                &state.count,
-                cap,
-                1,
-            )?);
-            d.push((
-                k.encode_step(
-                    gpu,
-                    &l("step"),
-                    &sp,
-                    step,
-                    &heads,
-                    &state,
+        let graph = head.graph(cap, MultiScaleRoiAlign::box_head(cap, head.channels), sp);
+        let st = &state;
+        let bound: Vec<Tensor> = inputs
+            .levels
+            .iter()
+            .map(|l| (*l).clone())
+            .chain(
+                [
+                    &st.count,
+                    &st.state,
+                    &st.feat,
+                    &st.boxes,
+                    &st.h,
+                    &st.c,
                     &step_boxes,
                     &stop_prob,
-                )?,
-                0.0,
-            ));
-        }
-        let cls_op = lin(h, n, Activation::None);
-        d.push((
-            cls_op.encode(
-                gpu,
-                "refine.cls",
-                &LinearIo {
-                    x: &state.h,
-                    w: &head.cls.0,
-                    b: &head.cls.1,
-                    count: &state.count,
-                    y: &logits,
-                    m_cap: cap,
-                    rows_per_count: 1,
-                },
-            )?,
-            cls_op.flops(cap),
-        ));
+                    &attn,
+                    &logits,
+                ]
+                .map(Tensor::clone),
+            )
+            .collect();
+        let plan = graph.plan(gpu, "refine", &bound)?;
+        bytes += plan.activation_bytes;
+        d.extend(plan.ops.iter().map(|o| (o.dispatch.clone(), o.flops)));
         let cand = Candidates {
             boxes: &cand_boxes,
             scores: &cand_scores,
@@ -460,7 +460,7 @@ impl RefineStage {
                 gpu,
                 "refine.classify",
                 &sp,
-                &logits,
+                &logits.buf,
                 &state,
                 cand,
                 &cand_count,
@@ -517,14 +517,8 @@ impl RefineStage {
             terminal,
             dets,
             det_count,
+            plan,
             _scratch: vec![
-                x,
-                kv,
-                q,
-                ctx,
-                gi,
-                gh,
-                heads,
                 cand_boxes,
                 cand_scores,
                 cand_labels,
@@ -591,10 +585,10 @@ impl RefineStage {
             .collect();
         if !data.is_empty() {
             gpu.queue
-                .write_buffer(&self.state.input, 0, bytemuck::cast_slice(&data));
+                .write_buffer(&self.state.input.buf, 0, bytemuck::cast_slice(&data));
         }
         gpu.queue.write_buffer(
-            &self.state.count,
+            &self.state.count.buf,
             0,
             bytemuck::bytes_of(&(rows.len() as u32)),
         );
@@ -626,14 +620,14 @@ impl RefineStage {
         let cap = k.cap;
         let t = self.steps;
         let r = gpu.read_back_many(&[
-            (&self.state.count, 4),
-            (&self.state.input, (cap * 32) as u64),
-            (&self.state.state, (cap * 8) as u64),
-            (&self.state.h, (cap * k.hidden * 4) as u64),
-            (&self.step_boxes, (t * cap * 16) as u64),
-            (&self.stop_prob, (t * cap * 4) as u64),
-            (&self.attn, (t * cap * BINS * 4) as u64),
-            (&self.logits, (cap * k.classes * 4) as u64),
+            (&self.state.count.buf, 4),
+            (&self.state.input.buf, (cap * 32) as u64),
+            (&self.state.state.buf, (cap * 8) as u64),
+            (&self.state.h.buf, (cap * k.hidden * 4) as u64),
+            (&self.step_boxes.buf, (t * cap * 16) as u64),
+            (&self.stop_prob.buf, (t * cap * 4) as u64),
+            (&self.attn.buf, (t * cap * BINS * 4) as u64),
+            (&self.logits.buf, (cap * k.classes * 4) as u64),
             (&self.terminal, (cap * 8) as u64),
         ])?;
         let f = |b: &[u8]| -> Vec<f32> { bytemuck::pod_collect_to_vec(b) };
@@ -679,31 +673,6 @@ impl RefineStage {
         }
         (per, never)
     }
-}
-
-/// One [`Linear`] dispatch over `cap × rows` rows (count[0] × rows live), with its FLOPs.
-#[allow(clippy::too_many_arguments)]
-fn linear(
-    gpu: &Gpu,
-    label: &str,
-    op: &Linear,
-    x: &Buffer,
-    wb: &(Buffer, Buffer),
-    y: &Buffer,
-    count: &Buffer,
-    cap: usize,
-    rows: usize,
-) -> Result<(Dispatch, f64)> {
-    let io = LinearIo {
-        x,
-        w: &wb.0,
-        b: &wb.1,
-        count,
-        y,
-        m_cap: cap * rows,
-        rows_per_count: rows,
-    };
-    Ok((op.encode(gpu, label, &io)?, op.flops(cap * rows)))
 }
 
 /// One teacher-forced input detection (resized-image coordinates).

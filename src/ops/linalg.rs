@@ -67,6 +67,28 @@ pub struct Linear {
     pub act: Activation,
 }
 
+/// A linear layer's parameters on the GPU: W [outputs, inputs] and b [outputs], f32.
+pub struct LinearWeights {
+    pub w: Buffer,
+    pub b: Buffer,
+}
+
+impl LinearWeights {
+    /// Uploads `w` ([outputs, inputs], row-major) and `b` ([outputs]) under `name`.
+    pub fn upload(gpu: &Gpu, name: &str, w: &[f32], b: &[f32]) -> Result<LinearWeights> {
+        if b.is_empty() || w.len() % b.len() != 0 {
+            return Err(Error::shape(
+                name,
+                format!("{} weights for {} outputs", w.len(), b.len()),
+            ));
+        }
+        Ok(LinearWeights {
+            w: gpu.upload(&format!("{name}.weight"), w)?,
+            b: gpu.upload(&format!("{name}.bias"), b)?,
+        })
+    }
+}
+
 /// The buffers a [`Linear`] dispatch reads and writes.
 pub struct LinearIo<'a> {
     /// [m_cap, inputs] f32.
@@ -98,6 +120,11 @@ impl Linear {
             Activation::Tanh => 1,
         };
         vec![("ACT", ConstVal::U32(act))]
+    }
+
+    /// The pipeline variant (for compiling ahead of use).
+    pub fn variant(&self) -> crate::gpu::Variant {
+        (KERNEL, self.consts())
     }
 
     /// FLOPs for `rows` rows (a multiply and an add per weight).

@@ -5,7 +5,7 @@
 //! detector's kernels. The stage that strings them together is `model::refine`.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Buffer, ConstVal, Dispatch, Gpu, Kernel};
+use crate::gpu::{Buffer, ConstVal, Dispatch, Gpu, Kernel, Nhwc, Tensor};
 use crate::ops::box_head::Candidates;
 use crate::ops::contract::{params_struct, Binding, HostStruct, KernelIo, KernelVariant, Uniform};
 
@@ -181,22 +181,78 @@ pub struct StepParams {
     pub steps: usize,
 }
 
-/// The head's small per-detection buffers (the big ones, RoI features and projections, are
-/// owned by the stage in `model::refine`).
+/// The head's per-detection state (the RoI features and projections are planned by the stage's
+/// graph in `model::refine`). Tensors, so that the stage's graph can bind them as inputs that
+/// its nodes update in place; shapes are [rows, 1, 1, cols].
 pub struct RefineState {
     /// [cap, 8] f32: x1, y1, x2, y2, score, label, source feature row, 0.
-    pub input: Buffer,
+    pub input: Tensor,
     /// [1] u32: live detections.
-    pub count: Buffer,
+    pub count: Tensor,
     /// [cap, R] f32: each detection's box-head representation.
-    pub feat: Buffer,
+    pub feat: Tensor,
     /// [cap, 4] f32: current boxes (resized-image coordinates).
-    pub boxes: Buffer,
+    pub boxes: Tensor,
     /// [cap, 2] u32: active flag, 1-based step it stopped at (0 = never).
-    pub state: Buffer,
-    /// [cap, H] f32 hidden state, and the LSTM cell state (4 bytes for a GRU).
-    pub h: Buffer,
-    pub c: Buffer,
+    pub state: Tensor,
+    /// [cap, H] f32 hidden state, and the LSTM cell state ([1] for a GRU).
+    pub h: Tensor,
+    pub c: Tensor,
+}
+
+impl RefineState {
+    pub fn tensors(&self) -> [&Tensor; 7] {
+        [
+            &self.input,
+            &self.count,
+            &self.feat,
+            &self.boxes,
+            &self.state,
+            &self.h,
+            &self.c,
+        ]
+    }
+}
+
+/// The buffers the attention reads and writes.
+pub struct AttentionIo<'a> {
+    /// [cap·49, 2K]: keys | values.
+    pub kv: &'a Buffer,
+    /// [cap, K].
+    pub q: &'a Buffer,
+    /// [1]: the learned β.
+    pub beta: &'a Buffer,
+    /// [1] u32 live detections, [cap, 2] u32 per-detection flags.
+    pub count: &'a Buffer,
+    pub flags: &'a Buffer,
+    /// [cap, K] context; [T, cap, 49] attention weights (debugging and validation).
+    pub ctx: &'a Buffer,
+    pub attn: &'a Buffer,
+}
+
+/// The buffers a recurrent cell reads and writes.
+pub struct CellIo<'a> {
+    /// [cap, G·H] each: W_ih x + b_ih and W_hh h + b_hh.
+    pub gi: &'a Buffer,
+    pub gh: &'a Buffer,
+    pub count: &'a Buffer,
+    pub flags: &'a Buffer,
+    /// [cap, H] hidden state, updated in place; the LSTM's cell state (None for a GRU).
+    pub h: &'a Buffer,
+    pub c: Option<&'a Buffer>,
+}
+
+/// The buffers a refinement step reads and writes.
+pub struct StepIo<'a> {
+    /// [cap, 5]: 4 deltas and the stop logit.
+    pub heads: &'a Buffer,
+    pub count: &'a Buffer,
+    /// [cap, 2] u32 flags and [cap, 4] boxes, updated in place.
+    pub flags: &'a Buffer,
+    pub boxes: &'a Buffer,
+    /// [T, cap, 4] and [T, cap]: this step's boxes and stop probabilities.
+    pub step_boxes: &'a Buffer,
+    pub stop_prob: &'a Buffer,
 }
 
 impl RefineKernels {
@@ -259,25 +315,27 @@ impl RefineKernels {
     /// The per-detection state buffers for `cap` detections.
     pub fn state(&self, gpu: &Gpu, label: &str) -> Result<RefineState> {
         self.check()?;
-        let b = |what: &str, elems: usize| {
-            gpu.storage(&format!("{label} {what}"), elems.max(1) as u64 * 4)
+        let t = |what: &str, rows: usize, cols: usize| {
+            Tensor::new(
+                gpu,
+                &format!("{label} {what}"),
+                Nhwc::new(rows.max(1), 1, 1, cols),
+            )
         };
         let cap = self.cap;
+        let lstm = self.cell == CellKind::Lstm;
         Ok(RefineState {
-            input: b("input [D,8]", cap * 8)?,
-            count: b("count", 1)?,
-            feat: b("features [D,R]", cap * self.feat)?,
-            boxes: b("boxes [D,4]", cap * 4)?,
-            state: b("state [D,2]", cap * 2)?,
-            h: b("hidden [D,H]", cap * self.hidden)?,
-            c: b(
-                "cell state [D,H]",
-                if self.cell == CellKind::Lstm {
-                    cap * self.hidden
-                } else {
-                    1
-                },
-            )?,
+            input: t("input [D,8]", cap, 8)?,
+            count: t("count", 1, 1)?,
+            feat: t("features [D,R]", cap, self.feat)?,
+            boxes: t("boxes [D,4]", cap, 4)?,
+            state: t("state [D,2]", cap, 2)?,
+            h: t("hidden [D,H]", cap, self.hidden)?,
+            c: if lstm {
+                t("cell state [D,H]", cap, self.hidden)?
+            } else {
+                t("cell state (unused by a GRU)", 1, 1)?
+            },
         })
     }
 
@@ -327,8 +385,8 @@ impl RefineKernels {
                 ("cand_scores", cand.scores),
                 ("cand_labels", cand.labels),
                 ("cand_rows", cand_rows),
-                ("input", &st.input),
-                ("count", &st.count),
+                ("input", &st.input.buf),
+                ("count", &st.count.buf),
             ],
             [self.cap.div_ceil(64) as u32, 1, 1],
         )
@@ -347,15 +405,15 @@ impl RefineKernels {
             return Err(Error::shape(label, "features buffer smaller than one row"));
         }
         let mut bufs: Vec<(&str, &Buffer)> = vec![
-            ("input", &st.input),
-            ("count", &st.count),
+            ("input", &st.input.buf),
+            ("count", &st.count.buf),
             ("features", features),
-            ("feat", &st.feat),
-            ("boxes", &st.boxes),
-            ("state", &st.state),
+            ("feat", &st.feat.buf),
+            ("boxes", &st.boxes.buf),
+            ("state", &st.state.buf),
         ];
         if self.cell == CellKind::Lstm {
-            bufs.push(("c", &st.c));
+            bufs.push(("c", &st.c.buf));
         }
         let width = self.feat.max(self.hidden);
         self.run(
@@ -369,34 +427,30 @@ impl RefineKernels {
         )
     }
 
-    /// Attention for step `step` (1-based): `kv` [cap·49, 2K] (keys | values), `q` [cap, K] →
-    /// `ctx` [cap, K]; the weights go to `attn` [T, cap, 49] (debugging and validation).
-    #[allow(clippy::too_many_arguments)]
+    /// Attention for step `step` (1-based): keys | values [cap·49, 2K] and queries [cap, K] →
+    /// context [cap, K]; the weights go to `attn` [T, cap, 49] (debugging and validation).
     pub fn encode_attention(
         &self,
         gpu: &Gpu,
         label: &str,
         sp: &StepParams,
         step: usize,
-        kv: &Buffer,
-        q: &Buffer,
-        beta: &Buffer,
-        st: &RefineState,
-        ctx: &Buffer,
-        attn: &Buffer,
+        io: &AttentionIo,
     ) -> Result<Dispatch> {
         let need = [
-            (kv, self.cap * 49 * 2 * self.key, "kv"),
-            (q, self.cap * self.key, "q"),
-            (ctx, self.cap * self.key, "ctx"),
-            (attn, sp.steps * self.cap * 49, "attn"),
-            (beta, 1, "beta"),
+            (io.kv, self.cap * 49 * 2 * self.key, "kv"),
+            (io.q, self.cap * self.key, "q"),
+            (io.ctx, self.cap * self.key, "ctx"),
+            (io.attn, sp.steps * self.cap * 49, "attn"),
+            (io.beta, 1, "beta"),
+            (io.count, 1, "count"),
+            (io.flags, self.cap * 2, "flags"),
         ];
         for (b, n, what) in need {
             if b.size() < n as u64 * 4 {
                 return Err(Error::shape(
                     label,
-                    format!("{what} buffer smaller than {n} f32"),
+                    format!("{what} buffer smaller than {n} values"),
                 ));
             }
         }
@@ -411,13 +465,13 @@ impl RefineKernels {
             Entry::Attention,
             Some(&params),
             &[
-                ("kv", kv),
-                ("q", q),
-                ("beta", beta),
-                ("count", &st.count),
-                ("state", &st.state),
-                ("ctx", ctx),
-                ("attn", attn),
+                ("kv", io.kv),
+                ("q", io.q),
+                ("beta", io.beta),
+                ("count", io.count),
+                ("state", io.flags),
+                ("ctx", io.ctx),
+                ("attn", io.attn),
             ],
             [self.cap as u32, 1, 1],
         )
@@ -425,80 +479,93 @@ impl RefineKernels {
 
     /// The recurrent cell on precomputed gates `gi` = W_ih x + b_ih and `gh` = W_hh h + b_hh
     /// ([cap, G·H] each); updates `h` (and `c`) of the active detections in place.
-    pub fn encode_cell(
-        &self,
-        gpu: &Gpu,
-        label: &str,
-        gi: &Buffer,
-        gh: &Buffer,
-        st: &RefineState,
-    ) -> Result<Dispatch> {
+    pub fn encode_cell(&self, gpu: &Gpu, label: &str, io: &CellIo) -> Result<Dispatch> {
         let g = self.cap * self.cell.gates() * self.hidden;
-        if gi.size() < g as u64 * 4 || gh.size() < g as u64 * 4 {
+        if io.gi.size() < g as u64 * 4 || io.gh.size() < g as u64 * 4 {
             return Err(Error::shape(
                 label,
                 format!("gate buffers smaller than {g} f32"),
             ));
         }
+        let hb = (self.cap * self.hidden * 4) as u64;
+        if io.h.size() < hb || io.c.is_some_and(|c| c.size() < hb) {
+            return Err(Error::shape(
+                label,
+                format!("state buffers smaller than [{}, {}]", self.cap, self.hidden),
+            ));
+        }
+        if io.count.size() < 4 || io.flags.size() < (self.cap * 8) as u64 {
+            return Err(Error::shape(label, "count / flags buffers too small"));
+        }
         let grid = [self.hidden.div_ceil(64) as u32, self.cap as u32, 1];
-        match self.cell {
-            CellKind::Gru => self.run(
+        match (self.cell, io.c) {
+            (CellKind::Gru, None) => self.run(
                 gpu,
                 label,
                 &KERNEL_GRU,
                 Entry::Cell,
                 None,
                 &[
-                    ("gi", gi),
-                    ("gh", gh),
-                    ("count", &st.count),
-                    ("state", &st.state),
-                    ("h", &st.h),
+                    ("gi", io.gi),
+                    ("gh", io.gh),
+                    ("count", io.count),
+                    ("state", io.flags),
+                    ("h", io.h),
                 ],
                 grid,
             ),
-            CellKind::Lstm => self.run(
+            (CellKind::Lstm, Some(c)) => self.run(
                 gpu,
                 label,
                 &KERNEL_LSTM,
                 Entry::Cell,
                 None,
                 &[
-                    ("gi", gi),
-                    ("gh", gh),
-                    ("count", &st.count),
-                    ("state", &st.state),
-                    ("h", &st.h),
-                    ("c", &st.c),
+                    ("gi", io.gi),
+                    ("gh", io.gh),
+                    ("count", io.count),
+                    ("state", io.flags),
+                    ("h", io.h),
+                    ("c", c),
                 ],
                 grid,
             ),
+            (cell, c) => Err(Error::shape(
+                label,
+                format!(
+                    "a {} cell {} a cell-state buffer",
+                    cell.name(),
+                    if c.is_some() { "given" } else { "without" }
+                ),
+            )),
         }
     }
 
-    /// Step `step` (1-based): `heads` [cap, 5] (4 deltas, the stop logit) → decoded, clipped boxes
+    /// Step `step` (1-based): heads [cap, 5] (4 deltas, the stop logit) → decoded, clipped boxes
     /// of the active detections and the stop rule; per-step boxes and stop probabilities go to
     /// `step_boxes` [T, cap, 4] and `stop_prob` [T, cap] (−1 where the detection had stopped).
-    #[allow(clippy::too_many_arguments)]
     pub fn encode_step(
         &self,
         gpu: &Gpu,
         label: &str,
         sp: &StepParams,
         step: usize,
-        heads: &Buffer,
-        st: &RefineState,
-        step_boxes: &Buffer,
-        stop_prob: &Buffer,
+        io: &StepIo,
     ) -> Result<Dispatch> {
         if step == 0 || step > sp.steps {
             return Err(Error::shape(label, format!("step {step} of {}", sp.steps)));
         }
-        if heads.size() < (self.cap * 5 * 4) as u64
-            || step_boxes.size() < (sp.steps * self.cap * 16) as u64
-            || stop_prob.size() < (sp.steps * self.cap * 4) as u64
+        if io.heads.size() < (self.cap * 5 * 4) as u64
+            || io.step_boxes.size() < (sp.steps * self.cap * 16) as u64
+            || io.stop_prob.size() < (sp.steps * self.cap * 4) as u64
+            || io.boxes.size() < (self.cap * 16) as u64
+            || io.flags.size() < (self.cap * 8) as u64
+            || io.count.size() < 4
         {
-            return Err(Error::shape(label, "heads / per-step buffers too small"));
+            return Err(Error::shape(
+                label,
+                "heads / state / per-step buffers too small",
+            ));
         }
         let params = self.params(gpu, label, sp, step);
         self.run(
@@ -508,12 +575,12 @@ impl RefineKernels {
             Entry::Step,
             Some(&params),
             &[
-                ("heads", heads),
-                ("count", &st.count),
-                ("state", &st.state),
-                ("boxes", &st.boxes),
-                ("step_boxes", step_boxes),
-                ("stop_prob", stop_prob),
+                ("heads", io.heads),
+                ("count", io.count),
+                ("state", io.flags),
+                ("boxes", io.boxes),
+                ("step_boxes", io.step_boxes),
+                ("stop_prob", io.stop_prob),
             ],
             [self.cap.div_ceil(64) as u32, 1, 1],
         )
@@ -548,8 +615,8 @@ impl RefineKernels {
             Some(&params),
             &[
                 ("logits", logits),
-                ("boxes", &st.boxes),
-                ("count", &st.count),
+                ("boxes", &st.boxes.buf),
+                ("count", &st.count.buf),
                 ("cand_boxes", cand.boxes),
                 ("cand_scores", cand.scores),
                 ("cand_labels", cand.labels),
