@@ -290,8 +290,8 @@ impl<'g> Detector<'g> {
         for (n, t) in FPN_NAMES.iter().zip(p.backbone.levels()) {
             st.tensors.push((n.to_string(), t.shape, t.read(gpu)?));
         }
-        read_middle(gpu, p, &mut st)?;
-        read_back(gpu, p, &mut st, num_classes)?;
+        read_rpn(gpu, p, &mut st)?;
+        read_box_head(gpu, p, &mut st, num_classes)?;
         read_refine(gpu, p, &mut st, refine)?;
         let d = finish(gpu, p, refine)?;
         Ok((d, st))
@@ -312,7 +312,7 @@ impl<'g> Detector<'g> {
         write_fpn(gpu, p, fpn)?;
         gpu.run("rpn (teacher-forced)", p.rpn.segment().dispatches())?;
         let mut st = DebugStages::default();
-        read_middle(gpu, p, &mut st)?;
+        read_rpn(gpu, p, &mut st)?;
         if let Some(props) = proposals {
             let cap = p.boxes.post.capacity;
             if props.len() > cap {
@@ -338,7 +338,7 @@ impl<'g> Detector<'g> {
                 .dispatches()
                 .chain(refine_list(p, refine).flat_map(|r| r.segment().dispatches())),
         )?;
-        read_back(gpu, p, &mut st, num_classes)?;
+        read_box_head(gpu, p, &mut st, num_classes)?;
         read_refine(gpu, p, &mut st, refine)?;
         let d = finish(gpu, p, refine)?;
         Ok((d, st))
@@ -537,7 +537,8 @@ fn f32s(b: &[u8]) -> Vec<f32> {
     bytemuck::pod_collect_to_vec(b)
 }
 
-fn read_middle(gpu: &Gpu, p: &SizePlan, st: &mut DebugStages) -> Result<()> {
+/// The RPN stage's debug outputs: anchors, candidates, proposals and their scores.
+fn read_rpn(gpu: &Gpu, p: &SizePlan, st: &mut DebugStages) -> Result<()> {
     let rpn = &p.rpn;
     st.anchors = rpn.anchors();
     let c = gpu.read_back_many(&[(&rpn.proposal_count, 4), (&rpn.bufs.count, 4)])?;
@@ -556,7 +557,8 @@ fn read_middle(gpu: &Gpu, p: &SizePlan, st: &mut DebugStages) -> Result<()> {
     Ok(())
 }
 
-fn read_back(gpu: &Gpu, p: &SizePlan, st: &mut DebugStages, num_classes: usize) -> Result<()> {
+/// The box head's debug outputs: candidate count, logits and deltas of the live proposals.
+fn read_box_head(gpu: &Gpu, p: &SizePlan, st: &mut DebugStages, num_classes: usize) -> Result<()> {
     let c = gpu.read_back_many(&[
         (&p.rpn.proposal_count, 4),
         (&p.boxes.post_bufs.cand_count, 4),
