@@ -10,8 +10,8 @@
 //! - [`RefineSegment`]: the refinement head's [`RefineStage`] (src/model/refine.rs) after the
 //!   gather from the box head's NMS survivors ("refine").
 //!
-//! Each stage's `new` takes the previous stages it reads from, so `Detector::build_plan` (in
-//! src/model/detector.rs) is their composition. [`PlanCache`] keeps the per-size plans of both
+//! Each stage's `new` takes the previous stages it reads from, so the detector's `build_plan`
+//! (src/model/detector.rs) is their composition. [`PlanCache`] keeps the per-size plans of both
 //! the detector and the backbone-only [`super::Backbone`] (at most [`MAX_PLANS`] sizes).
 
 use std::collections::HashMap;
