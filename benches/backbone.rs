@@ -23,9 +23,8 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use common::*;
-use marrow::gpu::{Dispatch, Gpu, GpuOptions, Nhwc, Tensor};
-use marrow::model::backbone::BackboneBuilder;
-use marrow::ops::transform::{self, TransformSizes};
+use marrow::gpu::{Dispatch, Gpu, GpuOptions};
+use marrow::model::stages::{BackboneNet, BackboneStage};
 use serde_json::{json, Value};
 
 const IMAGE: (usize, usize) = (480, 640);
@@ -34,16 +33,6 @@ fn main() {
     if let Err(e) = run() {
         eprintln!("backbone benchmark failed: {e}");
         std::process::exit(1);
-    }
-}
-
-fn stage_of(name: &str) -> &'static str {
-    if name.starts_with("backbone.fpn") {
-        "fpn"
-    } else if name.starts_with("backbone.body") {
-        "body"
-    } else {
-        "transform"
     }
 }
 
@@ -60,17 +49,14 @@ fn run() -> BenchResult<()> {
     let gen_s = t0.elapsed().as_secs_f64();
     let cfg = ws.config.transform.clone();
     let (h, w) = IMAGE;
-    let sizes = TransformSizes::new(h, w, &cfg)?;
     let t0 = Instant::now();
-    let graph = BackboneBuilder::new(&gpu, &ws)?.full()?;
-    let img = Tensor::new(&gpu, "input image [3,H,W]", Nhwc::new(1, 3, h, w))?;
-    let x = Tensor::new(
-        &gpu,
-        "transform.image",
-        Nhwc::new(1, sizes.padded.0, sizes.padded.1, 3),
-    )?;
-    let plan = graph.plan(&gpu, "backbone", std::slice::from_ref(&x))?;
-    let t = transform::encode(&gpu, &cfg, &sizes, &img.buf, &x)?;
+    // The detector's own backbone stage (as `model::Backbone` plans it): transform, then the
+    // body + FPN plan, each dispatch tagged with its stage when recorded.
+    let net = BackboneNet::new(&gpu, &ws, true)?;
+    ws.check_all_used("backbone.")?;
+    let stage = BackboneStage::new(&gpu, &net, &cfg, h, w)?;
+    let (sizes, img, x, plan) = (stage.sizes, &stage.image, &stage.x, &stage.plan);
+    let staged = stage.segment().staged();
     let setup_s = t0.elapsed().as_secs_f64();
     eprintln!(
         "weights generated in {gen_s:.1} s; upload + plan {setup_s:.1} s; image {h}x{w} -> resized {}x{} -> padded {}x{}; \
@@ -86,13 +72,19 @@ fn run() -> BenchResult<()> {
     // FLOPs and fewest bytes per stage, from the plan.
     let mut flops: BTreeMap<&str, f64> = BTreeMap::new();
     let mut bytes: BTreeMap<&str, f64> = BTreeMap::new();
-    for o in &plan.ops {
-        *flops.entry(stage_of(&o.name)).or_default() += o.flops;
-        *bytes.entry(stage_of(&o.name)).or_default() += o.min_bytes;
+    // staged[0] is the transform (it reads the image and writes the padded image), then one
+    // dispatch per plan op.
+    let op_bytes = |i: usize| {
+        if i == 0 {
+            (img.shape.bytes() + x.shape.bytes()) as f64
+        } else {
+            plan.ops[i - 1].min_bytes
+        }
+    };
+    for (i, s) in staged.iter().enumerate() {
+        *flops.entry(s.stage).or_default() += s.flops;
+        *bytes.entry(s.stage).or_default() += op_bytes(i);
     }
-    // The transform reads the image and writes the padded image.
-    *bytes.entry("transform").or_default() += (img.shape.bytes() + x.shape.bytes()) as f64;
-    flops.entry("transform").or_default();
     let total_flops: f64 = flops.values().sum();
     eprintln!(
         "GFLOP: body {:.1}, FPN {:.1}, total {:.1}",
@@ -105,7 +97,7 @@ fn run() -> BenchResult<()> {
         random_values("image0", 3 * h * w, 0.0, 1.0),
         random_values("image1", 3 * h * w, 0.0, 1.0),
     ];
-    let all: Vec<&Dispatch> = std::iter::once(&t).chain(plan.dispatches()).collect();
+    let all: Vec<&Dispatch> = stage.segment().dispatches().collect();
     let run_once = |i: usize| -> BenchResult<f64> {
         gpu.queue
             .write_buffer(&img.buf, 0, bytemuck::cast_slice(&images[i % 2]));
@@ -160,8 +152,8 @@ fn run() -> BenchResult<()> {
         .collect();
     let op_med: Vec<f64> = per_op.iter().map(|v| Stats::of(v).median).collect();
     let mut stage_s: BTreeMap<&str, f64> = BTreeMap::new();
-    for (n, s) in names.iter().zip(&op_med) {
-        *stage_s.entry(stage_of(n)).or_default() += s;
+    for (st, s) in staged.iter().zip(&op_med) {
+        *stage_s.entry(st.stage).or_default() += s;
     }
     let sum_s: f64 = stage_s.values().sum();
 
@@ -222,7 +214,7 @@ fn run() -> BenchResult<()> {
     top.sort_by(|a, b| b.1.total_cmp(&a.1));
     println!("slowest dispatches:");
     for (i, s) in top.iter().take(8) {
-        let f = if *i == 0 { 0.0 } else { plan.ops[i - 1].flops };
+        let f = staged[*i].flops;
         println!(
             "  {:<40} {:>8.0} ms  {:>6.2} GFLOP/s",
             names[*i],
@@ -281,12 +273,8 @@ fn run() -> BenchResult<()> {
         .iter()
         .enumerate()
         .map(|(i, n)| {
-            let (f, b) = if i == 0 {
-                (0.0, (img.shape.bytes() + x.shape.bytes()) as f64)
-            } else {
-                (plan.ops[i - 1].flops, plan.ops[i - 1].min_bytes)
-            };
-            json!({"name": n, "stage": stage_of(n), "flops": f, "min_bytes": b, "samples_s": per_op[i], "median_s": op_med[i]})
+            let (st, f, b) = (staged[i].stage, staged[i].flops, op_bytes(i));
+            json!({"name": n, "stage": st, "flops": f, "min_bytes": b, "samples_s": per_op[i], "median_s": op_med[i]})
         })
         .collect();
     let out = json!({

@@ -166,3 +166,92 @@ fn plan_memory_accounting_matches_the_allocator() {
         "unaccounted: {rest} B beyond the plan, weights {file_bytes} B"
     );
 }
+
+/// The fixture model's weights plus a small deterministic GRU refinement head (H 8, K 4, 2
+/// steps), so that a plan holds every stage.
+fn with_refine_head(
+    ws: &marrow::model::weights::WeightStore,
+) -> marrow::model::weights::WeightStore {
+    use marrow::model::weights::{HostTensor, WeightStore};
+    let mut t: Vec<(String, HostTensor)> = ws
+        .names()
+        .map(|n| {
+            let shape = ws.shape(n).unwrap().to_vec();
+            let data = ws.get(n, &shape).unwrap().to_vec();
+            (n.to_string(), HostTensor { shape, data })
+        })
+        .collect();
+    let rows = |n: &str| ws.shape(n).unwrap()[0];
+    let c = rows("rpn.head.conv.0.0.weight");
+    let r = rows("roi_heads.box_head.fc7.weight");
+    let n = rows("roi_heads.box_predictor.cls_score.weight");
+    let (h, k) = (8, 4);
+    let mut add = |name: &str, shape: Vec<usize>| {
+        let len = shape.iter().product::<usize>();
+        let data = (0..len).map(|i| ((i % 7) as f32 - 3.0) * 0.05).collect();
+        t.push((name.to_string(), HostTensor { shape, data }));
+    };
+    for (name, o, i) in [
+        ("refine.init", h, r),
+        ("refine.key", k, c),
+        ("refine.value", k, c),
+        ("refine.query", k, h),
+        ("refine.delta", 4, h),
+        ("refine.stop", 1, h),
+        ("refine.critic", 1, h),
+        ("refine.cls", n, h),
+    ] {
+        add(&format!("{name}.weight"), vec![o, i]);
+        add(&format!("{name}.bias"), vec![o]);
+    }
+    add("refine.cell.weight_ih", vec![3 * h, k]);
+    add("refine.cell.weight_hh", vec![3 * h, h]);
+    add("refine.cell.bias_ih", vec![3 * h]);
+    add("refine.cell.bias_hh", vec![3 * h]);
+    add("refine.beta", vec![1]);
+    let mut cfg = ws.config.clone();
+    cfg.refine = Some(serde_json::json!({"cell": "gru", "hidden": h, "key": k, "steps": 2}));
+    WeightStore::from_tensors("fixture+refine.safetensors", cfg, t).unwrap()
+}
+
+#[test]
+fn plan_bytes_count_every_buffer_once() {
+    // Each stage records the buffers it allocates (label, bytes); plan_bytes is their sum. The
+    // independent count is every storage and staging buffer this thread created while the plan
+    // was built, whichever code created it: a buffer a stage forgot to record, or recorded twice,
+    // makes the two differ.
+    let dump = RefDump::open(&fixture("image_land_120x160.safetensors")).unwrap();
+    let ws = with_refine_head(&dump.seeded_weights().unwrap().unwrap());
+    let mut det = Detector::new(gpu(), ws).unwrap();
+    assert!(det.refine_head().is_some());
+    let (h, w) = (120, 160);
+    let before = marrow::gpu::bytes_created_on_this_thread();
+    let bytes = det.plan_bytes(h, w).unwrap();
+    let created = marrow::gpu::bytes_created_on_this_thread() - before;
+    let buffers = det.plan_buffers(h, w).unwrap();
+    let mut labels: Vec<(&str, &str)> = buffers.iter().map(|(s, l, _)| (*s, l.as_str())).collect();
+    labels.sort_unstable();
+    let n = labels.len();
+    labels.dedup();
+    assert_eq!(labels.len(), n, "a buffer label appears twice: {buffers:?}");
+    for stage in ["backbone", "rpn", "box head", "refine"] {
+        assert!(
+            buffers.iter().any(|(s, _, b)| *s == stage && *b > 0),
+            "no buffers for {stage}"
+        );
+    }
+    let listed: u64 = buffers.iter().map(|(_, _, b)| b).sum();
+    eprintln!("plan {bytes} B in {n} entries; created while planning {created} B");
+    assert_eq!(
+        listed, bytes,
+        "plan_bytes is the sum of the stages' buffers"
+    );
+    assert_eq!(
+        created, bytes,
+        "plan_bytes vs every buffer created: {buffers:#?}"
+    );
+    // A second call builds nothing.
+    let before = marrow::gpu::bytes_created_on_this_thread();
+    assert_eq!(det.plan_bytes(h, w).unwrap(), bytes);
+    assert_eq!(marrow::gpu::bytes_created_on_this_thread(), before);
+}

@@ -20,6 +20,22 @@ pub use tensor::{Nhwc, Tensor};
 pub mod wgsl;
 use wgsl::preprocess;
 
+thread_local! {
+    static CREATED_BYTES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Bytes of the storage and staging buffers ([`Gpu::storage`], [`Gpu::upload`],
+/// [`Gpu::staging`]) this thread has created so far, on any device; it only grows. The
+/// difference around a call is what that call allocated: memory-accounting tests compare a
+/// plan's own byte count with it.
+pub fn bytes_created_on_this_thread() -> u64 {
+    CREATED_BYTES.with(|c| c.get())
+}
+
+fn count_created(bytes: u64) {
+    CREATED_BYTES.with(|c| c.set(c.get() + bytes));
+}
+
 /// How to choose the adapter.
 #[derive(Debug, Clone, Default)]
 pub struct GpuOptions {
@@ -403,6 +419,7 @@ impl Gpu {
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::OutOfMemory(format!("{label} ({size} bytes): {e}")));
         }
+        count_created(size);
         Ok(buf)
     }
 
@@ -800,9 +817,11 @@ impl Gpu {
     /// A mappable buffer of at least `bytes` for [`Gpu::read_back_via`]; a plan keeps one so the
     /// per-image read-back allocates nothing.
     pub fn staging(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        let size = bytes.max(4).div_ceil(4) * 4;
+        count_created(size);
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
-            size: bytes.max(4).div_ceil(4) * 4,
+            size,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })

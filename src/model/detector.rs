@@ -4,29 +4,22 @@
 //! and one read-back of the final detections stays on the GPU; the sizes that vary per image
 //! (proposal and candidate counts) live in GPU count buffers that later kernels read.
 //!
-//! A plan is built per input size and reused. Its dispatches form three segments so validation
-//! can teacher-force a stage: [transform, body, FPN], [RPN head … proposals], [RoIAlign … dets].
+//! A plan is built per input size and reused: the composition of the stages in
+//! src/model/stages.rs (backbone, RPN, box head, refinement), each owning its buffers and its
+//! tagged dispatches, so validation can run or teacher-force one stage at a time.
 
-use std::collections::HashMap;
-
-use super::backbone::{BackboneArch, BackboneBuilder, FPN_NAMES};
-use super::graph::{Graph, Plan};
+use super::backbone::{BackboneArch, FPN_NAMES};
+use super::config::ModelConfig;
+use super::graph::Graph;
 use super::heads::{BoxMlp, RpnHead};
-use super::refine::{RefineDebug, RefineHead, RefineInput, RefineInputs, RefineStage};
+use super::refine::{RefineDebug, RefineHead, RefineInput, RefineStage};
+use super::stages::{BackboneNet, BackboneStage, BoxHeadStage, PlanCache, RefineSegment, RpnStage};
+pub use super::stages::{Staged, MAX_BOX_CANDIDATES, MAX_PLANS, STAGES};
 use super::weights::WeightStore;
 use super::ImageF32;
 use crate::error::{Error, Result};
-use crate::gpu::{Buffer, Dispatch, Gpu, Nhwc, Tensor};
-use crate::ops::box_head::{BoxBuffers, BoxPostprocess, GatherRows};
-use crate::ops::nms::{Nms, NmsIo, NmsScratch};
-use crate::ops::roi_align::MultiScaleRoiAlign;
-use crate::ops::rpn::{RpnBuffers, RpnProposals};
-use crate::ops::transform::{self, TransformSizes};
-
-/// Largest number of box-head candidates (proposal × class pairs above the score threshold) the
-/// class-aware NMS takes; its IoU bitmask grows with the square. More candidates is an error,
-/// never a silent truncation.
-pub const MAX_BOX_CANDIDATES: usize = 16384;
+use crate::gpu::{Dispatch, Gpu, Nhwc};
+use crate::ops::transform::TransformSizes;
 
 /// One detection in original-image pixel coordinates.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -80,79 +73,78 @@ pub struct DebugStages {
     /// The refinement head's intermediate outputs, when it ran.
     pub refine: Option<RefineDebug>,
 }
-
+/// Everything a plan of one input size holds: the stages in run order.
 struct SizePlan {
-    sizes: TransformSizes,
-    image: Tensor,
-    x: Tensor,
-    backbone: Plan,
-    rpn_head: Plan,
-    rpn_bufs: RpnBuffers,
-    _rpn_scratch: NmsScratch,
-    proposals: Buffer,
-    proposal_scores: Buffer,
-    proposal_count: Buffer,
-    rois: Tensor,
-    mlp: Plan,
-    post: BoxPostprocess,
-    post_bufs: BoxBuffers,
-    _det_scratch: NmsScratch,
-    det_nms_capacity: usize,
-    /// Bytes of every head buffer and NMS scratch this plan allocated (for memory reports).
-    head_bytes: u64,
-    /// Staging for the one read-back per image (counts + detection rows), reused.
-    readback: Buffer,
-    dets: Buffer,
-    det_count: Buffer,
-    front: Segment,
-    middle: Segment,
-    back: Segment,
-    /// The refinement head's stage and its dispatches (gather first), when the weights have one.
-    refine: Option<(RefineStage, Segment)>,
+    backbone: BackboneStage,
+    rpn: RpnStage,
+    boxes: BoxHeadStage,
+    /// The refinement head's stage, when the weights have one.
+    refine: Option<RefineSegment>,
 }
 
-/// One recorded dispatch, tagged with its stage (one of [`STAGES`]) when it was recorded, and
-/// its FLOPs (convolutions and linear layers; 0 for everything else).
-#[derive(Clone)]
-pub struct Staged {
-    pub stage: &'static str,
-    pub dispatch: Dispatch,
-    pub flops: f64,
+impl SizePlan {
+    fn sizes(&self) -> TransformSizes {
+        self.backbone.sizes
+    }
+
+    /// Every tagged dispatch in run order (the refinement head's only when `refine`).
+    fn staged(&self, refine: bool) -> impl Iterator<Item = &Staged> {
+        self.backbone
+            .segment()
+            .staged()
+            .iter()
+            .chain(self.rpn.segment().staged())
+            .chain(self.boxes.segment().staged())
+            .chain(refine_list(self, refine).flat_map(|r| r.segment().staged()))
+    }
+
+    fn dispatches(&self, refine: bool) -> impl Iterator<Item = &Dispatch> {
+        self.staged(refine).map(|s| &s.dispatch)
+    }
+
+    /// Bytes of every buffer the stages allocated.
+    fn bytes(&self) -> u64 {
+        self.backbone.bytes()
+            + self.rpn.bytes()
+            + self.boxes.bytes()
+            + self.refine.as_ref().map_or(0, |r| r.bytes())
+    }
 }
 
-/// A run of dispatches submitted together.
-#[derive(Clone, Default)]
-struct Segment(Vec<Staged>);
+/// The size-independent networks a plan is built from.
+struct Networks {
+    backbone: BackboneNet,
+    rpn_head: Graph,
+    mlp: Graph,
+    box_mlp: BoxMlp,
+    refine_head: Option<RefineHead>,
+}
 
-impl Segment {
-    fn push(&mut self, stage: &'static str, dispatch: Dispatch) {
-        debug_assert!(STAGES.contains(&stage), "unknown stage {stage}");
-        self.0.push(Staged {
-            stage,
-            dispatch,
-            flops: 0.0,
-        });
-    }
-
-    fn extend(&mut self, stage: &'static str, dispatches: impl IntoIterator<Item = Dispatch>) {
-        for d in dispatches {
-            self.push(stage, d);
-        }
-    }
-
-    /// A graph plan's dispatches with their FLOPs; `stage_of_node(i)` tags node i.
-    fn extend_plan(&mut self, plan: &Plan, stage_of_node: impl Fn(usize) -> &'static str) {
-        for (i, op) in plan.ops.iter().enumerate() {
-            self.0.push(Staged {
-                stage: stage_of_node(i),
-                dispatch: op.dispatch.clone(),
-                flops: op.flops,
-            });
-        }
-    }
-
-    fn dispatches(&self) -> impl Iterator<Item = &Dispatch> {
-        self.0.iter().map(|s| &s.dispatch)
+impl Networks {
+    /// The stages for an `h`×`w` input, each built on the ones before it.
+    fn build_plan(&self, gpu: &Gpu, cfg: &ModelConfig, h: usize, w: usize) -> Result<SizePlan> {
+        let backbone = BackboneStage::new(gpu, &self.backbone, &cfg.transform, h, w)?;
+        let rpn = RpnStage::new(gpu, &self.rpn_head, &cfg.rpn, &backbone)?;
+        let boxes = BoxHeadStage::new(
+            gpu,
+            &self.mlp,
+            self.box_mlp.num_classes,
+            self.backbone.arch.fpn_channels,
+            &cfg.box_head,
+            &backbone,
+            &rpn,
+        )?;
+        let refine = self
+            .refine_head
+            .as_ref()
+            .map(|head| RefineSegment::new(gpu, head, cfg.box_head.min_size, &backbone, &boxes))
+            .transpose()?;
+        Ok(SizePlan {
+            backbone,
+            rpn,
+            boxes,
+            refine,
+        })
     }
 }
 
@@ -161,53 +153,31 @@ pub struct Detector<'g> {
     pub arch: BackboneArch,
     pub weights: WeightStore,
     pub num_classes: usize,
-    backbone: Graph,
-    rpn_head: Graph,
-    mlp: Graph,
-    /// Nodes of `backbone` that are the ResNet body (the rest are FPN): the stage tag.
-    body_nodes: usize,
-    box_mlp: BoxMlp,
-    refine_head: Option<RefineHead>,
+    nets: Networks,
     /// Whether [`Detector::detect`] runs the refinement head (when the weights carry one).
     refine_enabled: bool,
-    plans: HashMap<(usize, usize), SizePlan>,
-    /// Plan keys, least recently used first.
-    plan_use: Vec<(usize, usize)>,
+    plans: PlanCache<SizePlan>,
 }
-
-/// Size plans kept at once; older ones are dropped (and rebuilt if that size comes back).
-pub const MAX_PLANS: usize = 3;
 
 impl<'g> Detector<'g> {
     pub fn new(gpu: &'g Gpu, weights: WeightStore) -> Result<Self> {
         weights.check_known_prefixes()?;
-        let (arch, backbone, body_nodes, rpn_head, box_mlp, mlp) = {
-            let b = BackboneBuilder::new(gpu, &weights)?;
-            let f = b.arch.fpn_channels;
-            let mut g = Graph::default();
-            let x = g.input("transform.image");
-            let c = b.body(&mut g, x)?;
-            let body_nodes = g.nodes.len();
-            let p = b.fpn(&mut g, c)?;
-            for (name, v) in FPN_NAMES.iter().zip(p) {
-                g.output(name, v);
-            }
-            let head = RpnHead::load(gpu, &weights, f)?;
-            let mut hg = Graph::default();
-            let levels: Vec<usize> = FPN_NAMES.iter().map(|n| hg.input(n)).collect();
-            for (l, (o, d)) in head.add(&mut hg, &levels).into_iter().enumerate() {
-                hg.output(&format!("rpn.objectness.{l}"), o);
-                hg.output(&format!("rpn.deltas.{l}"), d);
-            }
-            let box_mlp = BoxMlp::load(gpu, &weights, f, 7)?;
-            let mut mg = Graph::default();
-            let rois = mg.input("rois");
-            let (l, d, x7) = box_mlp.add(&mut mg, rois);
-            mg.output("box.logits", l);
-            mg.output("box.deltas", d);
-            mg.output("box.features", x7);
-            (b.arch.clone(), g, body_nodes, hg, box_mlp, mg)
-        };
+        let backbone = BackboneNet::new(gpu, &weights, false)?;
+        let f = backbone.arch.fpn_channels;
+        let head = RpnHead::load(gpu, &weights, f)?;
+        let mut rpn_head = Graph::default();
+        let levels: Vec<usize> = FPN_NAMES.iter().map(|n| rpn_head.input(n)).collect();
+        for (l, (o, d)) in head.add(&mut rpn_head, &levels).into_iter().enumerate() {
+            rpn_head.output(&format!("rpn.objectness.{l}"), o);
+            rpn_head.output(&format!("rpn.deltas.{l}"), d);
+        }
+        let box_mlp = BoxMlp::load(gpu, &weights, f, 7)?;
+        let mut mlp = Graph::default();
+        let rois = mlp.input("rois");
+        let (l, d, x7) = box_mlp.add(&mut mlp, rois);
+        mlp.output("box.logits", l);
+        mlp.output("box.deltas", d);
+        mlp.output("box.features", x7);
         // Every backbone / RPN / box-head tensor must have been consumed by some layer.
         for prefix in ["backbone.", "rpn.", "roi_heads."] {
             weights.check_all_used(prefix)?;
@@ -216,37 +186,37 @@ impl<'g> Detector<'g> {
         let refine_head = RefineHead::load(
             gpu,
             &weights,
-            arch.fpn_channels,
+            backbone.arch.fpn_channels,
             box_mlp.representation,
             num_classes,
         )?;
-        prepare_pipelines(gpu, [&backbone, &rpn_head, &mlp])?;
+        prepare_pipelines(gpu, [&backbone.graph, &rpn_head, &mlp])?;
         Ok(Detector {
             gpu,
-            arch,
+            arch: backbone.arch.clone(),
             weights,
             num_classes,
-            backbone,
-            rpn_head,
-            mlp,
-            body_nodes,
-            box_mlp,
             refine_enabled: refine_head.is_some(),
-            refine_head,
-            plans: HashMap::new(),
-            plan_use: Vec::new(),
+            nets: Networks {
+                backbone,
+                rpn_head,
+                mlp,
+                box_mlp,
+                refine_head,
+            },
+            plans: PlanCache::default(),
         })
     }
 
     /// The refinement head the weights carry, if any.
     pub fn refine_head(&self) -> Option<&RefineHead> {
-        self.refine_head.as_ref()
+        self.nets.refine_head.as_ref()
     }
 
     /// Runs the refinement head (`true`, the default when the weights have one) or returns the
     /// plain detector's output (`false`: `marrow detect --no-refine`). No effect without a head.
     pub fn set_refine(&mut self, on: bool) {
-        self.refine_enabled = on && self.refine_head.is_some();
+        self.refine_enabled = on && self.nets.refine_head.is_some();
     }
 
     /// Whether detections come from the refinement head.
@@ -265,34 +235,9 @@ impl<'g> Detector<'g> {
     }
 
     fn plan(&mut self, h: usize, w: usize) -> Result<&SizePlan> {
-        let key = (h, w);
-        self.plan_use.retain(|k| *k != key);
-        self.plan_use.push(key);
-        if !self.plans.contains_key(&key) {
-            // A folder of fields of many sizes must not accumulate a plan (hundreds of MiB at
-            // 800×1088) per size: keep the most recently used few.
-            while self.plans.len() >= MAX_PLANS {
-                let Some(i) = self
-                    .plan_use
-                    .iter()
-                    .position(|k| self.plans.contains_key(k))
-                else {
-                    break;
-                };
-                let oldest = self.plan_use.remove(i);
-                self.plans.remove(&oldest);
-            }
-            match self.build_plan(h, w) {
-                Ok(p) => {
-                    self.plans.insert(key, p);
-                }
-                Err(e) => {
-                    self.plan_use.retain(|k| *k != key);
-                    return Err(e);
-                }
-            }
-        }
-        Ok(&self.plans[&key])
+        let (gpu, nets, cfg) = (self.gpu, &self.nets, &self.weights.config);
+        let p = self.plans.get(h, w, || nets.build_plan(gpu, cfg, h, w))?;
+        Ok(p)
     }
 
     /// Number of size plans currently held (at most [`MAX_PLANS`]).
@@ -300,325 +245,12 @@ impl<'g> Detector<'g> {
         self.plans.len()
     }
 
-    fn build_plan(&self, h: usize, w: usize) -> Result<SizePlan> {
-        let gpu = self.gpu;
-        let cfg = &self.weights.config;
-        let sizes = TransformSizes::new(h, w, &cfg.transform)?;
-        let f = self.arch.fpn_channels;
-        let image = Tensor::new(gpu, "input image [3,H,W]", Nhwc::new(1, 3, h, w))?;
-        let x = Tensor::new(
-            gpu,
-            "transform.image",
-            Nhwc::new(1, sizes.padded.0, sizes.padded.1, 3),
-        )?;
-        let backbone = self
-            .backbone
-            .plan(gpu, "backbone", std::slice::from_ref(&x))?;
-        let levels: Vec<Tensor> = FPN_NAMES
-            .iter()
-            .map(|n| backbone.output(n).expect("fpn output").clone())
-            .collect();
-        let rpn_head = self.rpn_head.plan(gpu, "rpn head", &levels)?;
-
-        // RPN proposals: top-k, decode, filters, per-level NMS, gather.
-        let rpn = RpnProposals {
-            pre_nms_top_n: cfg.rpn.pre_nms_top_n as usize,
-            min_size: cfg.rpn.min_size,
-            score_thresh: cfg.rpn.score_thresh,
-            ..Default::default()
-        }
-        .plan(
-            &levels
-                .iter()
-                .map(|t| (t.shape.h, t.shape.w))
-                .collect::<Vec<_>>(),
-            sizes.padded,
-            sizes.resized,
-        )?;
-        let rpn_bufs = rpn.buffers(gpu, "rpn")?;
-        let post_n = cfg.rpn.post_nms_top_n as usize;
-        let rpn_nms = Nms::new(rpn.kmax(), cfg.rpn.nms_thresh, post_n, true);
-        let rpn_scratch = rpn_nms.scratch(gpu, "rpn nms")?;
-        let rpn_keep = gpu.storage("rpn nms keep", post_n.min(rpn.kmax()) as u64 * 4)?;
-        let rpn_keep_count = gpu.storage("rpn nms keep count", 4)?;
-        let proposals = gpu.storage("rpn.proposals [K,4]", post_n as u64 * 16)?;
-        let proposal_scores = gpu.storage("rpn.scores [K]", post_n as u64 * 4)?;
-        let proposal_count = gpu.storage("rpn.proposals count", 4)?;
-
-        // Box head.
-        let roi = MultiScaleRoiAlign::box_head(post_n, f);
-        let rois = Tensor::new(
-            gpu,
-            "roi features [1,1,K,7*7*C]",
-            Nhwc::new(1, 1, post_n, 49 * f),
-        )?;
-        let mlp = self
-            .mlp
-            .plan(gpu, "box head", std::slice::from_ref(&rois))?;
-        let post = BoxPostprocess {
-            num_classes: self.num_classes,
-            capacity: post_n,
-            score_thresh: cfg.box_head.score_thresh,
-            min_size: cfg.box_head.min_size,
-            max_det: cfg.box_head.detections_per_img as usize,
-        };
-        let post_bufs = post.buffers(gpu)?;
-        let det_nms_capacity = post.candidates().min(MAX_BOX_CANDIDATES);
-        let det_nms = Nms::new(
-            det_nms_capacity,
-            cfg.box_head.nms_thresh,
-            post.max_det,
-            true,
-        );
-        let det_scratch = det_nms.scratch(gpu, "box nms")?;
-        let det_keep = gpu.storage(
-            "box nms keep",
-            post.max_det.min(det_nms_capacity) as u64 * 4,
-        )?;
-        let det_keep_count = gpu.storage("box nms keep count", 4)?;
-        let dets = gpu.storage("detections [max_det, 8]", post.max_det as u64 * 32)?;
-        let det_count = gpu.storage("detections count", 4)?;
-        let t = &rpn_bufs.topk;
-        let head_bytes: u64 = [
-            &t.keys,
-            &t.hist,
-            &t.state,
-            &t.cand,
-            &t.order,
-            &rpn_bufs.raw_boxes,
-            &rpn_bufs.raw_scores,
-            &rpn_bufs.boxes,
-            &rpn_bufs.scores,
-            &rpn_bufs.levels,
-            &rpn_bufs.count,
-            &rpn_keep,
-            &rpn_keep_count,
-            &proposals,
-            &proposal_scores,
-            &proposal_count,
-            &post_bufs.cls_scores,
-            &post_bufs.cls_boxes,
-            &post_bufs.cand_boxes,
-            &post_bufs.cand_scores,
-            &post_bufs.cand_labels,
-            &post_bufs.cand_count,
-            &det_keep,
-            &det_keep_count,
-            &dets,
-            &det_count,
-        ]
-        .iter()
-        .map(|b| b.size())
-        .sum::<u64>()
-            + rpn_nms.scratch_bytes()
-            + det_nms.scratch_bytes()
-            + image.shape.bytes()
-            + x.shape.bytes();
-
-        // Segment 1: transform + body + FPN (the transform dispatch is re-recorded per run
-        // because it reads the image buffer, which is per plan anyway).
-        let mut front = Segment::default();
-        front.push(
-            "transform",
-            transform::encode(gpu, &cfg.transform, &sizes, &image.buf, &x)?,
-        );
-        let body_nodes = self.body_nodes;
-        front.extend_plan(&backbone, |i| if i < body_nodes { "body" } else { "fpn" });
-        // Segment 2: RPN.
-        let mut middle = Segment::default();
-        middle.extend_plan(&rpn_head, |_| "rpn head");
-        let obj: Vec<&Tensor> = (0..5)
-            .map(|l| {
-                rpn_head
-                    .output(&format!("rpn.objectness.{l}"))
-                    .expect("head output")
-            })
-            .collect();
-        let del: Vec<&Tensor> = (0..5)
-            .map(|l| {
-                rpn_head
-                    .output(&format!("rpn.deltas.{l}"))
-                    .expect("head output")
-            })
-            .collect();
-        middle.extend(
-            "rpn proposals",
-            rpn.encode(gpu, "rpn", &obj, &del, &rpn_bufs)?,
-        );
-        middle.extend(
-            "rpn nms",
-            rpn_nms.encode(
-                gpu,
-                "rpn nms",
-                &NmsIo {
-                    boxes: &rpn_bufs.boxes,
-                    scores: &rpn_bufs.scores,
-                    ids: Some(&rpn_bufs.levels),
-                    count: &rpn_bufs.count,
-                    count_index: 0,
-                    keep: &rpn_keep,
-                    keep_count: &rpn_keep_count,
-                    keep_count_index: 0,
-                },
-                &rpn_scratch,
-            )?,
-        );
-        middle.push(
-            "rpn proposals",
-            GatherRows { max_rows: post_n }.encode(
-                gpu,
-                "rpn proposals gather",
-                &rpn_bufs.boxes,
-                &rpn_bufs.scores,
-                &rpn_keep,
-                &rpn_keep_count,
-                &proposals,
-                &proposal_scores,
-                &proposal_count,
-            )?,
-        );
-        // Segment 3: box head.
-        let lv: [&Tensor; 4] = [&levels[0], &levels[1], &levels[2], &levels[3]];
-        let mut back = Segment::default();
-        back.push(
-            "roi align",
-            roi.encode(
-                gpu,
-                "roi align",
-                lv,
-                sizes.resized,
-                0,
-                &proposals,
-                &proposal_count,
-                &rois.buf,
-            )?,
-        );
-        back.extend_plan(&mlp, |_| "box mlp");
-        let logits = mlp.output("box.logits").expect("mlp output");
-        let deltas = mlp.output("box.deltas").expect("mlp output");
-        back.extend(
-            "box postprocess",
-            post.encode_candidates(
-                gpu,
-                &logits.buf,
-                &deltas.buf,
-                &proposals,
-                &proposal_count,
-                sizes.resized,
-                &post_bufs,
-            )?,
-        );
-        back.extend(
-            "box nms",
-            det_nms.encode(
-                gpu,
-                "box nms",
-                &NmsIo {
-                    boxes: &post_bufs.cand_boxes,
-                    scores: &post_bufs.cand_scores,
-                    ids: Some(&post_bufs.cand_labels),
-                    count: &post_bufs.cand_count,
-                    count_index: 0,
-                    keep: &det_keep,
-                    keep_count: &det_keep_count,
-                    keep_count_index: 0,
-                },
-                &det_scratch,
-            )?,
-        );
-        back.push(
-            "finalize",
-            post.encode_finalize(
-                gpu,
-                post_bufs.candidates(),
-                &det_keep,
-                &det_keep_count,
-                sizes.resized,
-                sizes.orig,
-                &dets,
-                &det_count,
-            )?,
-        );
-        let refine = match &self.refine_head {
-            None => None,
-            Some(head) => {
-                let features = mlp.output("box.features").expect("mlp output");
-                let stage = RefineStage::new(
-                    gpu,
-                    head,
-                    &RefineInputs {
-                        levels: lv,
-                        resized: sizes.resized,
-                        orig: sizes.orig,
-                        features: &features.buf,
-                    },
-                    post.max_det,
-                    cfg.box_head.min_size,
-                )?;
-                let mut list = Segment::default();
-                list.push(
-                    "refine",
-                    stage.gather(
-                        gpu,
-                        &det_keep,
-                        &det_keep_count,
-                        post_bufs.candidates(),
-                        &post_bufs.cand_rows,
-                    )?,
-                );
-                list.0.extend(stage.dispatches.iter().map(|(d, f)| Staged {
-                    stage: "refine",
-                    dispatch: d.clone(),
-                    flops: *f,
-                }));
-                Some((stage, list))
-            }
-        };
-        Ok(SizePlan {
-            sizes,
-            image,
-            x,
-            backbone,
-            rpn_head,
-            rpn_bufs,
-            _rpn_scratch: rpn_scratch,
-            proposals,
-            proposal_scores,
-            proposal_count,
-            rois,
-            mlp,
-            post,
-            post_bufs,
-            _det_scratch: det_scratch,
-            det_nms_capacity,
-            head_bytes,
-            // Counts, rows and (with a refinement head) its count and per-detection state.
-            readback: gpu.staging(
-                "detections read-back staging",
-                24 + post.max_det as u64 * 40,
-            ),
-            dets,
-            det_count,
-            front,
-            middle,
-            back,
-            refine,
-        })
-    }
-
     /// Detects on one image: one submission, one read-back.
     pub fn detect(&mut self, image: &ImageF32) -> Result<Detections> {
         let gpu = self.gpu;
         let refine = self.refine_enabled;
         let p = self.upload(image)?;
-        gpu.run(
-            "detect",
-            p.front
-                .dispatches()
-                .chain(p.middle.dispatches())
-                .chain(p.back.dispatches())
-                .chain(refine_list(p, refine)),
-        )?;
+        gpu.run("detect", p.dispatches(refine))?;
         finish(gpu, p, refine)
     }
 
@@ -639,7 +271,7 @@ impl<'g> Detector<'g> {
         let gpu = self.gpu;
         let p = self.plan(image.h, image.w)?;
         gpu.queue
-            .write_buffer(&p.image.buf, 0, bytemuck::cast_slice(&image.data));
+            .write_buffer(&p.backbone.image.buf, 0, bytemuck::cast_slice(&image.data));
         Ok(p)
     }
 
@@ -649,24 +281,17 @@ impl<'g> Detector<'g> {
         let num_classes = self.num_classes;
         let refine = self.refine_enabled;
         let p = self.upload(image)?;
-        gpu.run(
-            "detect (debug)",
-            p.front
-                .dispatches()
-                .chain(p.middle.dispatches())
-                .chain(p.back.dispatches())
-                .chain(refine_list(p, refine)),
-        )?;
+        gpu.run("detect (debug)", p.dispatches(refine))?;
+        let x = &p.backbone.x;
         let mut st = DebugStages {
-            tensors: vec![("transform.image".into(), p.x.shape, p.x.read(gpu)?)],
+            tensors: vec![("transform.image".into(), x.shape, x.read(gpu)?)],
             ..Default::default()
         };
-        for n in FPN_NAMES {
-            let t = p.backbone.output(n).expect("fpn output");
+        for (n, t) in FPN_NAMES.iter().zip(p.backbone.levels()) {
             st.tensors.push((n.to_string(), t.shape, t.read(gpu)?));
         }
-        read_middle(gpu, p, &mut st)?;
-        read_back(gpu, p, &mut st, num_classes)?;
+        read_rpn(gpu, p, &mut st)?;
+        read_box_head(gpu, p, &mut st, num_classes)?;
         read_refine(gpu, p, &mut st, refine)?;
         let d = finish(gpu, p, refine)?;
         Ok((d, st))
@@ -685,11 +310,11 @@ impl<'g> Detector<'g> {
         let refine = self.refine_enabled;
         let p = self.plan(image_hw.0, image_hw.1)?;
         write_fpn(gpu, p, fpn)?;
-        gpu.run("rpn (teacher-forced)", p.middle.dispatches())?;
+        gpu.run("rpn (teacher-forced)", p.rpn.segment().dispatches())?;
         let mut st = DebugStages::default();
-        read_middle(gpu, p, &mut st)?;
+        read_rpn(gpu, p, &mut st)?;
         if let Some(props) = proposals {
-            let cap = p.post.capacity;
+            let cap = p.boxes.post.capacity;
             if props.len() > cap {
                 return Err(Error::shape(
                     "teacher forcing",
@@ -698,19 +323,22 @@ impl<'g> Detector<'g> {
             }
             if !props.is_empty() {
                 gpu.queue
-                    .write_buffer(&p.proposals, 0, bytemuck::cast_slice(props));
+                    .write_buffer(&p.rpn.proposals, 0, bytemuck::cast_slice(props));
             }
             gpu.queue.write_buffer(
-                &p.proposal_count,
+                &p.rpn.proposal_count,
                 0,
                 bytemuck::bytes_of(&(props.len() as u32)),
             );
         }
         gpu.run(
             "box head (teacher-forced)",
-            p.back.dispatches().chain(refine_list(p, refine)),
+            p.boxes
+                .segment()
+                .dispatches()
+                .chain(refine_list(p, refine).flat_map(|r| r.segment().dispatches())),
         )?;
-        read_back(gpu, p, &mut st, num_classes)?;
+        read_box_head(gpu, p, &mut st, num_classes)?;
         read_refine(gpu, p, &mut st, refine)?;
         let d = finish(gpu, p, refine)?;
         Ok((d, st))
@@ -727,7 +355,7 @@ impl<'g> Detector<'g> {
         features: &[f32],
     ) -> Result<(Detections, RefineDebug)> {
         let gpu = self.gpu;
-        let Some(head) = self.refine_head.as_ref() else {
+        let Some(head) = self.nets.refine_head.as_ref() else {
             return Err(Error::Invalid(
                 "the weights have no refinement head to teacher-force".into(),
             ));
@@ -745,20 +373,24 @@ impl<'g> Detector<'g> {
         }
         let p = self.plan(image_hw.0, image_hw.1)?;
         write_fpn(gpu, p, fpn)?;
-        let (stage, list) = p.refine.as_ref().expect("a head has a stage");
+        let refine = p.refine.as_ref().expect("a head has a stage");
+        let stage = &refine.stage;
         stage.write_input(gpu, inputs)?;
-        let fb = &p.mlp.output("box.features").expect("mlp output").buf;
+        let fb = &p.boxes.output("box.features").buf;
         if !features.is_empty() {
             gpu.queue
                 .write_buffer(fb, 0, bytemuck::cast_slice(features));
         }
         // Skip the gather (the first dispatch): the input rows were written above.
-        gpu.run("refine (teacher-forced)", list.dispatches().skip(1))?;
+        gpu.run(
+            "refine (teacher-forced)",
+            refine.segment().dispatches().skip(1),
+        )?;
         let dbg = stage.read_debug(gpu)?;
         let dets = stage.read_detections(gpu)?;
         Ok((
             Detections {
-                sizes: p.sizes,
+                sizes: p.sizes(),
                 detections: dets
                     .into_iter()
                     .map(|d| Detection {
@@ -773,18 +405,34 @@ impl<'g> Detector<'g> {
         ))
     }
 
-    /// Bytes of every GPU buffer a plan of this size allocated: activations (after lifetime
-    /// reuse), RoI features, the image and transformed image, head buffers and NMS scratch, and
-    /// the refinement stage's buffers when the weights have a head.
-    /// Weights are not included. Allocated-buffer accounting, not a driver measurement.
+    /// Bytes of every GPU buffer a plan of this size allocated: the sum of its stages' own
+    /// counts (activations after lifetime reuse, the image and transformed image, the
+    /// transform's index tables, RoI features, head buffers, NMS scratch, the read-back staging
+    /// buffer, and the refinement stage's buffers when the weights have a head; each buffer
+    /// once, see [`Detector::plan_buffers`]). Weights and the small params uniforms of each
+    /// dispatch are not included. Allocated-buffer accounting, not a driver measurement.
     pub fn plan_bytes(&mut self, h: usize, w: usize) -> Result<u64> {
+        Ok(self.plan(h, w)?.bytes())
+    }
+
+    /// (stage, buffer label, bytes) of every allocation [`Detector::plan_bytes`] counts, for
+    /// the plan of an `h`×`w` input: "backbone", "rpn" and "box head" list each buffer (graph
+    /// activations as one entry per graph); "refine" is one entry, the refinement stage's own
+    /// total.
+    pub fn plan_buffers(&mut self, h: usize, w: usize) -> Result<Vec<(&'static str, String, u64)>> {
         let p = self.plan(h, w)?;
-        Ok(p.backbone.activation_bytes
-            + p.rpn_head.activation_bytes
-            + p.mlp.activation_bytes
-            + p.rois.shape.bytes()
-            + p.head_bytes
-            + p.refine.as_ref().map_or(0, |(stage, _)| stage.bytes))
+        let mut v = Vec::new();
+        for (stage, ledger) in [
+            ("backbone", p.backbone.ledger()),
+            ("rpn", p.rpn.ledger()),
+            ("box head", p.boxes.ledger()),
+        ] {
+            v.extend(ledger.entries().iter().map(|(l, b)| (stage, l.clone(), *b)));
+        }
+        if let Some(r) = &p.refine {
+            v.push(("refine", "refinement stage buffers".to_string(), r.bytes()));
+        }
+        Ok(v)
     }
 
     /// Every dispatch of the plan for an `h`×`w` input, in run order, with the stage it was
@@ -799,41 +447,15 @@ impl<'g> Detector<'g> {
     ) -> Result<Vec<(&'static str, &Dispatch, f64)>> {
         let refine = self.refine_enabled;
         let p = self.plan(h, w)?;
-        let tail = p
-            .refine
-            .iter()
-            .filter(|_| refine)
-            .flat_map(|(_, l)| l.0.iter());
-        Ok(p.front
-            .0
-            .iter()
-            .chain(&p.middle.0)
-            .chain(&p.back.0)
-            .chain(tail)
+        Ok(p.staged(refine)
             .map(|s| (s.stage, &s.dispatch, s.flops))
             .collect())
     }
 
     pub fn box_mlp(&self) -> &BoxMlp {
-        &self.box_mlp
+        &self.nets.box_mlp
     }
 }
-
-/// The stages [`Detector::timed_stages`] reports, in run order.
-pub const STAGES: [&str; 12] = [
-    "transform",
-    "body",
-    "fpn",
-    "rpn head",
-    "rpn proposals",
-    "rpn nms",
-    "roi align",
-    "box mlp",
-    "box postprocess",
-    "box nms",
-    "finalize",
-    "refine",
-];
 
 /// Compiles every convolution and pool variant of the graphs up front, on all cores: these are
 /// nearly all of the model's pipelines (35 of 57 for ResNet-50 + FPN), each created once however
@@ -865,8 +487,7 @@ fn write_fpn(gpu: &Gpu, p: &SizePlan, fpn: &[(Nhwc, Vec<f32>)]) -> Result<()> {
     if fpn.len() != 5 {
         return Err(Error::shape("teacher forcing", "need 5 FPN levels"));
     }
-    for (n, (s, d)) in FPN_NAMES.iter().zip(fpn) {
-        let t = p.backbone.output(n).expect("fpn output");
+    for ((n, t), (s, d)) in FPN_NAMES.iter().zip(p.backbone.levels()).zip(fpn) {
         if t.shape != *s || d.len() != s.len() {
             return Err(Error::shape(
                 "teacher forcing",
@@ -878,12 +499,9 @@ fn write_fpn(gpu: &Gpu, p: &SizePlan, fpn: &[(Nhwc, Vec<f32>)]) -> Result<()> {
     Ok(())
 }
 
-/// The refinement dispatches to run after the box head (none when off or absent).
-fn refine_list(p: &SizePlan, on: bool) -> impl Iterator<Item = &Dispatch> {
-    p.refine
-        .iter()
-        .filter(move |_| on)
-        .flat_map(|(_, list)| list.dispatches())
+/// The refinement stage to run after the box head (none when off or absent).
+fn refine_list(p: &SizePlan, on: bool) -> impl Iterator<Item = &RefineSegment> {
+    p.refine.iter().filter(move |_| on)
 }
 
 fn summary(stage: &RefineStage, dbg: &RefineDebug) -> RefineSummary {
@@ -899,10 +517,10 @@ fn summary(stage: &RefineStage, dbg: &RefineDebug) -> RefineSummary {
 
 /// Reads the refinement head's intermediates and the plain detections it started from.
 fn read_refine(gpu: &Gpu, p: &SizePlan, st: &mut DebugStages, on: bool) -> Result<()> {
-    let (Some((stage, _)), true) = (&p.refine, on) else {
+    let (Some(r), true) = (&p.refine, on) else {
         return Ok(());
     };
-    st.refine = Some(stage.read_debug(gpu)?);
+    st.refine = Some(r.stage.read_debug(gpu)?);
     st.plain = Some(finish(gpu, p, false)?.detections);
     Ok(())
 }
@@ -915,17 +533,16 @@ fn f32s(b: &[u8]) -> Vec<f32> {
     bytemuck::pod_collect_to_vec(b)
 }
 
-fn read_middle(gpu: &Gpu, p: &SizePlan, st: &mut DebugStages) -> Result<()> {
-    st.anchors = (0..5)
-        .filter_map(|l| p.rpn_head.output(&format!("rpn.objectness.{l}")))
-        .map(|t| t.shape.len())
-        .sum();
-    let c = gpu.read_back_many(&[(&p.proposal_count, 4), (&p.rpn_bufs.count, 4)])?;
+/// The RPN stage's debug outputs: anchors, candidates, proposals and their scores.
+fn read_rpn(gpu: &Gpu, p: &SizePlan, st: &mut DebugStages) -> Result<()> {
+    let rpn = &p.rpn;
+    st.anchors = rpn.anchors();
+    let c = gpu.read_back_many(&[(&rpn.proposal_count, 4), (&rpn.bufs.count, 4)])?;
     let n = u32s(&c[0])[0] as usize;
     st.rpn_candidates = u32s(&c[1])[0] as usize;
     let r = gpu.read_back_many(&[
-        (&p.proposals, n as u64 * 16),
-        (&p.proposal_scores, n as u64 * 4),
+        (&rpn.proposals, n as u64 * 16),
+        (&rpn.proposal_scores, n as u64 * 4),
     ])?;
     let b = f32s(&r[0]);
     st.proposals = b
@@ -936,12 +553,16 @@ fn read_middle(gpu: &Gpu, p: &SizePlan, st: &mut DebugStages) -> Result<()> {
     Ok(())
 }
 
-fn read_back(gpu: &Gpu, p: &SizePlan, st: &mut DebugStages, num_classes: usize) -> Result<()> {
-    let c = gpu.read_back_many(&[(&p.proposal_count, 4), (&p.post_bufs.cand_count, 4)])?;
+/// The box head's debug outputs: candidate count, logits and deltas of the live proposals.
+fn read_box_head(gpu: &Gpu, p: &SizePlan, st: &mut DebugStages, num_classes: usize) -> Result<()> {
+    let c = gpu.read_back_many(&[
+        (&p.rpn.proposal_count, 4),
+        (&p.boxes.post_bufs.cand_count, 4),
+    ])?;
     let n = u32s(&c[0])[0] as usize;
     st.box_candidates = u32s(&c[1])[0] as usize;
-    let logits = p.mlp.output("box.logits").expect("mlp output");
-    let deltas = p.mlp.output("box.deltas").expect("mlp output");
+    let logits = p.boxes.output("box.logits");
+    let deltas = p.boxes.output("box.deltas");
     let r = gpu.read_back_many(&[
         (&logits.buf, (n * num_classes) as u64 * 4),
         (&deltas.buf, (n * num_classes * 4) as u64 * 4),
@@ -954,28 +575,29 @@ fn read_back(gpu: &Gpu, p: &SizePlan, st: &mut DebugStages, num_classes: usize) 
 /// The one read-back: detection count, rows, and the candidate count (overflow check); with
 /// `refined`, the refinement head's detections and stop steps instead of the box head's.
 fn finish(gpu: &Gpu, p: &SizePlan, refined: bool) -> Result<Detections> {
-    let refine = p.refine.as_ref().filter(|_| refined).map(|(s, _)| s);
+    let b = &p.boxes;
+    let refine = p.refine.as_ref().filter(|_| refined).map(|r| &r.stage);
     let (count, rows) = match refine {
         Some(st) => (&st.det_count, &st.dets),
-        None => (&p.det_count, &p.dets),
+        None => (&b.det_count, &b.dets),
     };
     let mut parts = vec![
         (count, 4),
-        (&p.post_bufs.cand_count, 4),
-        (rows, p.post.max_det as u64 * 32),
+        (&b.post_bufs.cand_count, 4),
+        (rows, b.post.max_det as u64 * 32),
     ];
     if let Some(st) = refine {
         parts.push((&st.state.count.buf, 4));
         parts.push((&st.state.state.buf, st.kernels.cap as u64 * 8));
     }
-    let r = gpu.read_back_via(&p.readback, &parts)?;
-    let n = (u32s(&r[0])[0] as usize).min(p.post.max_det);
+    let r = gpu.read_back_via(&b.readback, &parts)?;
+    let n = (u32s(&r[0])[0] as usize).min(b.post.max_det);
     let cands = u32s(&r[1])[0] as usize;
-    if cands > p.det_nms_capacity {
+    if cands > b.nms_capacity {
         return Err(Error::TooLarge(format!(
             "{cands} box candidates above the score threshold exceed the class-aware NMS capacity of {} \
              (raise box_head.score_thresh in the model config)",
-            p.det_nms_capacity
+            b.nms_capacity
         )));
     }
     let rows = f32s(&r[2]);
@@ -999,7 +621,7 @@ fn finish(gpu: &Gpu, p: &SizePlan, refined: bool) -> Result<Detections> {
         summary(st, &dbg)
     });
     Ok(Detections {
-        sizes: p.sizes,
+        sizes: p.sizes(),
         detections,
         refine,
     })

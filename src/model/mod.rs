@@ -1,4 +1,5 @@
-//! The network: configuration, weights, the graph IR + planner, and the backbone.
+//! The network: configuration, weights, the graph IR + planner, the backbone, the heads, the
+//! detector's stages and the detector.
 
 pub mod backbone;
 pub mod config;
@@ -6,15 +7,14 @@ pub mod detector;
 pub mod graph;
 pub mod heads;
 pub mod refine;
+pub mod stages;
 pub mod weights;
 
-use std::collections::HashMap;
-
 use crate::error::{Error, Result};
-use crate::gpu::{Dispatch, Gpu, Nhwc, Tensor};
-use crate::ops::transform::{self, TransformSizes};
+use crate::gpu::{Gpu, Nhwc, Tensor};
+use crate::ops::transform::TransformSizes;
 use backbone::{BackboneArch, BackboneBuilder};
-use graph::{Graph, Plan};
+use stages::{BackboneNet, BackboneStage, PlanCache};
 use weights::WeightStore;
 
 /// An RGB image as the model takes it: planar [3, H, W] f32 in [0, 1] (uint8 / 255).
@@ -38,16 +38,16 @@ impl ImageF32 {
     }
 }
 
-/// The backbone half of the detector on one GPU: transform → ResNet body → FPN. Plans are cached
-/// per input size, so a stream of same-sized images re-uses buffers and dispatches.
+/// The backbone half of the detector on one GPU: transform → ResNet body → FPN, from a file
+/// that needs only the `backbone.*` tensors (validation, `marrow features`). Its per-size plans
+/// are the detector's own [`BackboneStage`]s in a [`PlanCache`] (src/model/stages.rs), with the
+/// body's C2..C5 kept as graph outputs so they can be read back.
 pub struct Backbone<'g> {
     pub gpu: &'g Gpu,
     pub arch: BackboneArch,
     pub weights: WeightStore,
-    graph: Graph,
-    /// Per input size: the image buffer, the transformed image, the transform dispatch and the
-    /// body + FPN plan, all recorded once.
-    plans: HashMap<(usize, usize), (Tensor, Tensor, Dispatch, Plan)>,
+    net: BackboneNet,
+    plans: PlanCache<BackboneStage>,
 }
 
 /// Named host copies of stage outputs (NHWC) for validation and tests.
@@ -68,59 +68,42 @@ impl StageOutputs {
 impl<'g> Backbone<'g> {
     pub fn new(gpu: &'g Gpu, weights: WeightStore) -> Result<Self> {
         weights.check_known_prefixes()?;
-        let (arch, graph) = {
-            let b = BackboneBuilder::new(gpu, &weights)?;
-            (b.arch.clone(), b.full()?)
-        };
+        let net = BackboneNet::new(gpu, &weights, true)?;
+        weights.check_all_used("backbone.")?;
         Ok(Backbone {
             gpu,
-            arch,
+            arch: net.arch.clone(),
             weights,
-            graph,
-            plans: HashMap::new(),
+            net,
+            plans: PlanCache::default(),
         })
     }
 
     /// Runs transform + body + FPN on one image in one submission; reads back the named stages
     /// ("transform.image", "body.c2".."body.c5", "fpn.0".."fpn.pool").
     pub fn run(&mut self, image: &ImageF32) -> Result<StageOutputs> {
-        let cfg = self.weights.config.transform.clone();
         if image.data.len() != 3 * image.h * image.w {
             return Err(Error::shape(
                 "image",
                 format!("{} values for 3x{}x{}", image.data.len(), image.h, image.w),
             ));
         }
-        let sizes = TransformSizes::new(image.h, image.w, &cfg)?;
-        let key = (image.h, image.w);
-        if !self.plans.contains_key(&key) {
-            let img = Tensor::new(
-                self.gpu,
-                "input image [3,H,W]",
-                Nhwc::new(1, 3, image.h, image.w),
-            )?;
-            let x = Tensor::new(
-                self.gpu,
-                "transform.image",
-                Nhwc::new(1, sizes.padded.0, sizes.padded.1, 3),
-            )?;
-            let plan = self
-                .graph
-                .plan(self.gpu, "backbone", std::slice::from_ref(&x))?;
-            let t = transform::encode(self.gpu, &cfg, &sizes, &img.buf, &x)?;
-            self.plans.insert(key, (img, x, t, plan));
+        let (gpu, net, cfg) = (self.gpu, &self.net, &self.weights.config.transform);
+        let stage = self.plans.get(image.h, image.w, || {
+            BackboneStage::new(gpu, net, cfg, image.h, image.w)
+        })?;
+        gpu.queue
+            .write_buffer(&stage.image.buf, 0, bytemuck::cast_slice(&image.data));
+        gpu.run("backbone", stage.segment().dispatches())?;
+        let x = &stage.x;
+        let mut tensors = vec![("transform.image".to_string(), x.shape, x.read(gpu)?)];
+        for (name, t) in &stage.plan.outputs {
+            tensors.push((name.clone(), t.shape, t.read(gpu)?));
         }
-        let (img, x, t, plan) = &self.plans[&key];
-        self.gpu
-            .queue
-            .write_buffer(&img.buf, 0, bytemuck::cast_slice(&image.data));
-        self.gpu
-            .run("backbone", std::iter::once(t).chain(plan.dispatches()))?;
-        let mut tensors = vec![("transform.image".to_string(), x.shape, x.read(self.gpu)?)];
-        for (name, t) in &plan.outputs {
-            tensors.push((name.clone(), t.shape, t.read(self.gpu)?));
-        }
-        Ok(StageOutputs { sizes, tensors })
+        Ok(StageOutputs {
+            sizes: stage.sizes,
+            tensors,
+        })
     }
 
     /// Teacher-forced: body + FPN from a given normalised, padded image [1, Hp, Wp, 3].
@@ -130,7 +113,7 @@ impl<'g> Backbone<'g> {
         shape: Nhwc,
     ) -> Result<Vec<(String, Nhwc, Vec<f32>)>> {
         let x = Tensor::from_host(self.gpu, "transform.image (reference)", shape, x_nhwc)?;
-        let plan = self.graph.plan(
+        let plan = self.net.graph.plan(
             self.gpu,
             "backbone (teacher-forced)",
             std::slice::from_ref(&x),

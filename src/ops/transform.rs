@@ -114,6 +114,12 @@ params_struct! {
     }
 }
 
+/// Bytes of the row and column index tables [`encode`] uploads for `sizes` (one `[f32; 4]` per
+/// output row and column; its dispatch holds them), for memory accounting.
+pub fn table_bytes(sizes: &TransformSizes) -> u64 {
+    ((sizes.resized.0 + sizes.resized.1) * 16) as u64
+}
+
 /// Normalize + resize + pad for one image: `image` is planar [3, H, W] f32 in [0, 1]; the output
 /// is [1, Hp, Wp, 3]. (The bind group keeps the tables and params alive.)
 pub fn encode(
