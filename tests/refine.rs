@@ -336,6 +336,9 @@ fn check_case(
     check_case_where(rng, lstm, h, k, d, steps, stop_bias, None)
 }
 
+/// A wanted stop-step pattern: its description and its test.
+type Pattern<'a> = (&'a str, fn(&[u32]) -> bool);
+
 /// [`check_case`], redrawing (on the CPU reference alone, which is cheap) until the stop steps
 /// satisfy `pattern`, when one is given.
 #[allow(clippy::too_many_arguments)]
@@ -347,7 +350,7 @@ fn check_case_where(
     d: usize,
     steps: usize,
     stop_bias: f32,
-    pattern: Option<(&str, fn(&[u32]) -> bool)>,
+    pattern: Option<Pattern>,
 ) -> Vec<u32> {
     let g = gpu();
     let (c, r, n) = (

@@ -416,21 +416,21 @@ impl<'g> Detector<'g> {
     }
 
     /// (stage, buffer label, bytes) of every allocation [`Detector::plan_bytes`] counts, for
-    /// the plan of an `h`×`w` input: "backbone", "rpn" and "box head" list each buffer (graph
-    /// activations as one entry per graph); "refine" is one entry, the refinement stage's own
-    /// total.
+    /// the plan of an `h`×`w` input: each stage lists each buffer (graph activations as one
+    /// entry per graph).
     pub fn plan_buffers(&mut self, h: usize, w: usize) -> Result<Vec<(&'static str, String, u64)>> {
         let p = self.plan(h, w)?;
         let mut v = Vec::new();
+        let refine = p.refine.as_ref().map(|r| ("refine", r.ledger()));
         for (stage, ledger) in [
             ("backbone", p.backbone.ledger()),
             ("rpn", p.rpn.ledger()),
             ("box head", p.boxes.ledger()),
-        ] {
+        ]
+        .into_iter()
+        .chain(refine)
+        {
             v.extend(ledger.entries().iter().map(|(l, b)| (stage, l.clone(), *b)));
-        }
-        if let Some(r) = &p.refine {
-            v.push(("refine", "refinement stage buffers".to_string(), r.bytes()));
         }
         Ok(v)
     }

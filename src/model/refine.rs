@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::gpu::{Buffer, Dispatch, Gpu, Nhwc, Tensor};
 use crate::model::graph::{Graph, Plan, ValueId};
+use crate::model::stages::Ledger;
 use crate::model::weights::WeightStore;
 use crate::ops::box_head::{BoxPostprocess, Candidates};
 use crate::ops::linalg::{Activation, Linear, LinearWeights};
@@ -231,8 +232,8 @@ pub struct RefineStage {
     pub plan: Plan,
     _scratch: Vec<Buffer>,
     _nms_scratch: NmsScratch,
-    /// Bytes of every buffer the stage allocated (the graph's activations included).
-    pub bytes: u64,
+    /// Every buffer the stage allocated, by label (the graph's activations as one entry).
+    pub ledger: Ledger,
     /// Dispatches from the input rows to the final detections (run after the input is filled,
     /// by the detector's gather or by teacher forcing), with each one's FLOPs.
     pub dispatches: Vec<(Dispatch, f64)>,
@@ -392,20 +393,28 @@ impl RefineStage {
             steps: t,
         };
         let state = k.state(gpu, "refine")?;
-        let mut bytes = state.tensors().iter().map(|t| t.buf.size()).sum::<u64>();
-        let mut tensor = |label: &str, rows: usize, cols: usize| -> Result<Tensor> {
-            let t = Tensor::new(gpu, label, Nhwc::new(rows.max(1), 1, 1, cols))?;
-            bytes += t.buf.size();
-            Ok(t)
-        };
-        let step_boxes = tensor("refine step boxes [T,D,4]", t * cap, 4)?;
-        let stop_prob = tensor("refine stop probabilities [T,D]", t * cap, 1)?;
-        let attn = tensor("refine attention [T,D,49]", t * cap, BINS)?;
-        let logits = tensor("refine class logits [D,N]", cap, n)?;
+        let mut ledger = Ledger::default();
+        for (what, t) in [
+            "input",
+            "count",
+            "features",
+            "boxes",
+            "state",
+            "hidden",
+            "cell state",
+        ]
+        .iter()
+        .zip(state.tensors())
+        {
+            ledger.buffer(&format!("refine {what}"), &t.buf);
+        }
+        let rows = |r: usize, c: usize| Nhwc::new(r.max(1), 1, 1, c);
+        let step_boxes = ledger.tensor(gpu, "refine step boxes [T,D,4]", rows(t * cap, 4))?;
+        let stop_prob = ledger.tensor(gpu, "refine stop probabilities [T,D]", rows(t * cap, 1))?;
+        let attn = ledger.tensor(gpu, "refine attention [T,D,49]", rows(t * cap, BINS))?;
+        let logits = ledger.tensor(gpu, "refine class logits [D,N]", rows(cap, n))?;
         let mut alloc = |label: &str, elems: usize| -> Result<Buffer> {
-            let b = gpu.storage(label, elems.max(1) as u64 * 4)?;
-            bytes += b.size();
-            Ok(b)
+            ledger.storage(gpu, label, elems.max(1) as u64 * 4)
         };
         let terminal = alloc("refine terminal (score, label) [D,2]", cap * 2)?;
         let cand_boxes = alloc("refine candidate boxes", cap * 4)?;
@@ -418,7 +427,7 @@ impl RefineStage {
         let det_count = alloc("refine detections count", 1)?;
         let nms = Nms::new(cap, head.config.nms_thresh, max_det, true);
         let nms_scratch = nms.scratch(gpu, "refine nms")?;
-        bytes += nms.scratch_bytes();
+        ledger.bytes("refine nms scratch", nms.scratch_bytes());
 
         let mut d: Vec<(Dispatch, f64)> = Vec::new();
         d.push((
@@ -448,7 +457,7 @@ impl RefineStage {
             )
             .collect();
         let plan = graph.plan(gpu, "refine", &bound)?;
-        bytes += plan.activation_bytes;
+        ledger.bytes("refine step graph activations", plan.activation_bytes);
         d.extend(plan.ops.iter().map(|o| (o.dispatch.clone(), o.flops)));
         let cand = Candidates {
             boxes: &cand_boxes,
@@ -527,9 +536,14 @@ impl RefineStage {
                 keep_count,
             ],
             _nms_scratch: nms_scratch,
-            bytes,
+            ledger,
             dispatches: d,
         })
+    }
+
+    /// Bytes of every buffer the stage allocated.
+    pub fn bytes(&self) -> u64 {
+        self.ledger.total()
     }
 
     /// The stage's dispatches in run order (without the detector's gather).

@@ -697,7 +697,11 @@ impl RefineSegment {
 
     /// The refinement stage's buffers ([`RefineStage::bytes`]).
     pub fn bytes(&self) -> u64 {
-        self.stage.bytes
+        self.stage.bytes()
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.stage.ledger
     }
 
     pub fn segment(&self) -> &Segment {
