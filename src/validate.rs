@@ -132,13 +132,22 @@ impl RefDump {
 
     /// An f32 tensor that must be present with the given rank.
     pub fn f32(&self, name: &str, rank: usize) -> Result<(&[usize], &[f32])> {
+        self.typed(name, rank, "F32", |t| t.f32())
+    }
+
+    /// A tensor of one dtype (`read` gives its data when it has that dtype), present with `rank`.
+    fn typed<'a, T: 'a>(
+        &'a self,
+        name: &str,
+        rank: usize,
+        dtype: &str,
+        read: impl Fn(&'a RefTensor) -> Option<&'a [T]>,
+    ) -> Result<(&'a [usize], &'a [T])> {
         let t = self
             .tensors
             .get(name)
             .ok_or_else(|| self.err(format!("tensor {name} is missing")))?;
-        let d = t
-            .f32()
-            .ok_or_else(|| self.err(format!("tensor {name} is not F32")))?;
+        let d = read(t).ok_or_else(|| self.err(format!("tensor {name} is not {dtype}")))?;
         if t.shape.len() != rank {
             return Err(self.err(format!(
                 "tensor {name} has shape {:?}, expected rank {rank}",
@@ -155,20 +164,7 @@ impl RefDump {
 
     /// An i64 tensor that must be present with the given rank.
     pub fn i64(&self, name: &str, rank: usize) -> Result<(&[usize], &[i64])> {
-        let t = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| self.err(format!("tensor {name} is missing")))?;
-        let d = t
-            .i64()
-            .ok_or_else(|| self.err(format!("tensor {name} is not I64")))?;
-        if t.shape.len() != rank {
-            return Err(self.err(format!(
-                "tensor {name} has shape {:?}, expected rank {rank}",
-                t.shape
-            )));
-        }
-        Ok((&t.shape, d))
+        self.typed(name, rank, "I64", |t| t.i64())
     }
 
     /// The weights a fixture was made from, regenerated from its seedgen spec (no file needed).

@@ -157,7 +157,8 @@ fn linear_into_updates_a_graph_input_in_place() {
     }
 }
 
-/// Structural mistakes are errors naming the node, found before anything is recorded.
+/// Structural mistakes are errors naming the node (or the input), found before anything is
+/// recorded.
 #[test]
 fn structural_errors_name_the_node() {
     let g = gpu();
@@ -231,6 +232,34 @@ fn structural_errors_name_the_node() {
         e.contains("small target") && e.contains("in-place output"),
         "{e}"
     );
+
+    // Binding by name: the order of `named` does not matter, a missing, unknown or repeated
+    // name is an error.
+    let mut graph = Graph::default();
+    graph.input("x");
+    graph.input("count");
+    let x = Tensor::new(g, "x", shapes[0]).unwrap();
+    let c = Tensor::new(g, "count", shapes[1]).unwrap();
+    let bound = graph.bind(&[("count", &c), ("x", &x)]).unwrap();
+    assert_eq!(
+        bound.iter().map(|t| t.shape).collect::<Vec<_>>(),
+        shapes.to_vec(),
+        "bound in the graph's input order"
+    );
+    assert!(Arc::ptr_eq(&bound[0].buf, &x.buf) && Arc::ptr_eq(&bound[1].buf, &c.buf));
+    let bind_err = |named: &[(&str, &Tensor)]| match graph.bind(named) {
+        Ok(_) => panic!(
+            "binding {:?} was accepted",
+            named.iter().map(|n| n.0).collect::<Vec<_>>()
+        ),
+        Err(e) => e.to_string(),
+    };
+    let e = bind_err(&[("x", &x)]);
+    assert!(e.contains("\"count\" is not bound"), "{e}");
+    let e = bind_err(&[("x", &x), ("count", &c), ("cnt", &c)]);
+    assert!(e.contains("no graph input is named \"cnt\""), "{e}");
+    let e = bind_err(&[("x", &x), ("count", &c), ("x", &x)]);
+    assert!(e.contains("\"x\" bound twice"), "{e}");
 
     // The wrong number of inputs.
     let graph = Graph::default();

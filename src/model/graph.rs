@@ -186,28 +186,36 @@ impl Graph {
         self.outputs.push((name.to_string(), v));
     }
 
-    /// Adds a node producing a new value.
-    fn add(&mut self, name: &str, op: Op, inputs: Vec<ValueId>) -> ValueId {
-        let output = self.new_value();
+    /// Adds a node reading `inputs` and updating `writes` in place; with `output` it also
+    /// produces a new value, which is returned.
+    fn push(
+        &mut self,
+        name: &str,
+        op: Op,
+        inputs: Vec<ValueId>,
+        output: bool,
+        writes: Vec<ValueId>,
+    ) -> Option<ValueId> {
+        let output = output.then(|| self.new_value());
         self.nodes.push(Node {
             name: name.to_string(),
             op,
             inputs,
-            output: Some(output),
-            writes: Vec::new(),
+            output,
+            writes,
         });
         output
     }
 
+    /// Adds a node producing a new value.
+    fn add(&mut self, name: &str, op: Op, inputs: Vec<ValueId>) -> ValueId {
+        self.push(name, op, inputs, true, Vec::new())
+            .expect("an output was asked for")
+    }
+
     /// Adds a node that only updates graph inputs in place.
     fn add_update(&mut self, name: &str, op: Op, inputs: Vec<ValueId>, writes: Vec<ValueId>) {
-        self.nodes.push(Node {
-            name: name.to_string(),
-            op,
-            inputs,
-            output: None,
-            writes,
-        });
+        self.push(name, op, inputs, false, writes);
     }
 
     pub fn conv(
@@ -297,20 +305,14 @@ impl Graph {
         [kv, q, count, flags]: [ValueId; 4],
         attn: ValueId,
     ) -> ValueId {
-        let output = self.new_value();
-        self.nodes.push(Node {
-            name: name.to_string(),
-            op: Op::Attention {
-                kernels,
-                params,
-                step,
-                beta,
-            },
-            inputs: vec![kv, q, count, flags],
-            output: Some(output),
-            writes: vec![attn],
-        });
-        output
+        let op = Op::Attention {
+            kernels,
+            params,
+            step,
+            beta,
+        };
+        self.push(name, op, vec![kv, q, count, flags], true, vec![attn])
+            .expect("an output was asked for")
     }
 
     /// The recurrent cell: updates `state` (`[h]`, or `[h, c]` for an LSTM) in place.
@@ -419,6 +421,33 @@ impl Graph {
             }
         }
         Ok(shapes)
+    }
+
+    /// The graph's inputs in their order, looked up by name in `named`: a tensor bound to the
+    /// wrong input cannot slip through by position. Every input must be given exactly once and
+    /// no name may be unknown.
+    pub fn bind(&self, named: &[(&str, &Tensor)]) -> Result<Vec<Tensor>> {
+        for (i, (n, _)) in named.iter().enumerate() {
+            if !self.inputs.iter().any(|(g, _)| g == n) {
+                return Err(Error::shape(
+                    "graph",
+                    format!("no graph input is named {n:?}"),
+                ));
+            }
+            if named[..i].iter().any(|(m, _)| m == n) {
+                return Err(Error::shape("graph", format!("input {n:?} bound twice")));
+            }
+        }
+        self.inputs
+            .iter()
+            .map(|(g, _)| {
+                named
+                    .iter()
+                    .find(|(n, _)| n == g)
+                    .map(|(_, t)| (*t).clone())
+                    .ok_or_else(|| Error::shape("graph", format!("input {g:?} is not bound")))
+            })
+            .collect()
     }
 
     /// Plans the graph for `inputs` (tensors already on the GPU, in `self.inputs` order).

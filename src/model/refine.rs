@@ -436,26 +436,23 @@ impl RefineStage {
         ));
         let graph = head.graph(cap, MultiScaleRoiAlign::box_head(cap, head.channels), sp);
         let st = &state;
-        let bound: Vec<Tensor> = inputs
-            .levels
-            .iter()
-            .map(|l| (*l).clone())
-            .chain(
-                [
-                    &st.count,
-                    &st.state,
-                    &st.feat,
-                    &st.boxes,
-                    &st.h,
-                    &st.c,
-                    &step_boxes,
-                    &stop_prob,
-                    &attn,
-                    &logits,
-                ]
-                .map(Tensor::clone),
-            )
-            .collect();
+        let [p2, p3, p4, p5] = inputs.levels;
+        let bound = graph.bind(&[
+            ("fpn.0", p2),
+            ("fpn.1", p3),
+            ("fpn.2", p4),
+            ("fpn.3", p5),
+            ("refine.count", &st.count),
+            ("refine.state", &st.state),
+            ("refine.features", &st.feat),
+            ("refine.boxes", &st.boxes),
+            ("refine.hidden", &st.h),
+            ("refine.cell_state", &st.c),
+            ("refine.step_boxes", &step_boxes),
+            ("refine.stop_prob", &stop_prob),
+            ("refine.attention", &attn),
+            ("refine.logits", &logits),
+        ])?;
         let plan = graph.plan(gpu, "refine", &bound)?;
         ledger.bytes("refine step graph activations", plan.activation_bytes);
         d.extend(plan.ops.iter().map(|o| (o.dispatch.clone(), o.flops)));
