@@ -17,8 +17,6 @@ eval` computes the same metrics with the engine (docs/evaluation.md).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import sys
@@ -43,9 +41,6 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-refine", action="store_true", help="ignore the file's refinement head")
     a = ap.parse_args(argv)
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     torch.set_num_threads(a.threads)
     model, cfg, arch, _ = mm.load_marrow(a.weights)
     model.eval()
@@ -73,25 +68,12 @@ def main(argv=None):
             for l in split.labels[i].tolist():
                 counts_gt[i, int(l) - 1] += 1
     secs = time.time() - t0
-    with contextlib.redirect_stdout(io.StringIO()):
-        g = COCO()
-        g.dataset = {**gt, "images": gt["images"][:n], "annotations": [x for x in gt["annotations"] if x["image_id"] < n]}
-        g.createIndex()
-        E = COCOeval(g, g.loadRes(dets), "bbox")
-        E.params.imgIds = list(range(n))
-        E.evaluate()
-        E.accumulate()
-        E.summarize()
-    st = [float(x) for x in E.stats]
-    prec = E.eval["precision"]
+    st, pc = train.coco_bbox_eval(gt, dets, n, names)
     per_class = {}
     for j, nm in enumerate(names):
-        p50, p75, pall = prec[0, :, j, 0, 2], prec[5, :, j, 0, 2], prec[:, :, j, 0, 2]
         err = np.abs(counts_det[:, j] - counts_gt[:, j])
         per_class[nm] = {
-            "AP": float(pall[pall > -1].mean()) if (pall > -1).any() else -1.0,
-            "AP50": float(p50[p50 > -1].mean()) if (p50 > -1).any() else -1.0,
-            "AP75": float(p75[p75 > -1].mean()) if (p75 > -1).any() else -1.0,
+            **pc[nm],
             "count_mae": float(err.mean()), "count_exact": float((err == 0).mean()),
             "gt": int(counts_gt[:, j].sum()), "counted": int(counts_det[:, j].sum()),
         }

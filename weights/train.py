@@ -303,10 +303,35 @@ def coco_gt(split: Split, num_classes: int, names) -> dict:
     return {"info": {}, "licenses": [], "images": images, "annotations": anns, "categories": cats}
 
 
-@torch.inference_mode()
-def evaluate(model, c, split: Split, gt: dict, names, batch=2, limit=None) -> dict:
+def coco_bbox_eval(gt: dict, dets: list, n: int, names) -> tuple[list, dict]:
+    """pycocotools COCOeval (bbox) of `dets` on the first `n` images of `gt` (COCO dicts, image
+    ids 0..n-1). Returns the 12 summary stats (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100,
+    ARs, ARm, ARl) and, per class name, its AP, AP50 and AP75 (-1 where a class has no ground
+    truth). The one place train.py, train_refine.py and eval_model.py evaluate."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
+    with contextlib.redirect_stdout(io.StringIO()):
+        g = COCO()
+        g.dataset = {**gt, "images": gt["images"][:n],
+                     "annotations": [x for x in gt["annotations"] if x["image_id"] < n]}
+        g.createIndex()
+        E = COCOeval(g, g.loadRes(dets), "bbox")
+        E.params.imgIds = list(range(n))
+        E.evaluate()
+        E.accumulate()
+        E.summarize()
+    prec = E.eval["precision"]  # [T, R, K, A, M]; T=0 is IoU .5, T=5 IoU .75, A=0 all areas, M=2 100 dets
+
+    def mean(p):
+        return float(p[p > -1].mean()) if (p > -1).any() else -1.0
+
+    per_class = {nm: {"AP": mean(prec[:, :, k, 0, 2]), "AP50": mean(prec[0, :, k, 0, 2]),
+                      "AP75": mean(prec[5, :, k, 0, 2])} for k, nm in enumerate(names)}
+    return [float(x) for x in E.stats], per_class
+
+
+@torch.inference_mode()
+def evaluate(model, c, split: Split, gt: dict, names, batch=2, limit=None) -> dict:
     t0 = time.time()
     n = len(split) if limit is None else min(limit, len(split))
     dets = []
@@ -322,27 +347,10 @@ def evaluate(model, c, split: Split, gt: dict, names, batch=2, limit=None) -> di
            "AP50_per_class": {nm: 0.0 for nm in names}, "AP_per_class": {nm: 0.0 for nm in names},
            "detections": len(dets), "images": n}
     if dets:
-        with contextlib.redirect_stdout(io.StringIO()):
-            g = COCO()
-            g.dataset = gt if limit is None else {**gt, "images": gt["images"][:n],
-                                                  "annotations": [a for a in gt["annotations"] if a["image_id"] < n]}
-            g.createIndex()
-            d = g.loadRes(dets)
-            E = COCOeval(g, d, "bbox")
-            E.params.imgIds = list(range(n))
-            E.evaluate()
-            E.accumulate()
-            E.summarize()
-        st = E.stats
+        st, pc = coco_bbox_eval(gt, dets, n, names)
         res.update(AP=st[0], AP50=st[1], AP75=st[2], APs=st[3], APm=st[4], APl=st[5], AR100=st[8])
-        prec = E.eval["precision"]  # [T, R, K, A, M]; T=0 is IoU 0.5, A=0 all areas, M=2 maxDets 100
-        for k, nm in enumerate(names):
-            p50 = prec[0, :, k, 0, 2]
-            pall = prec[:, :, k, 0, 2]
-            res["AP50_per_class"][nm] = float(p50[p50 > -1].mean()) if (p50 > -1).any() else -1.0
-            res["AP_per_class"][nm] = float(pall[pall > -1].mean()) if (pall > -1).any() else -1.0
-        for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"):
-            res[k] = float(res[k])
+        res["AP50_per_class"] = {nm: pc[nm]["AP50"] for nm in names}
+        res["AP_per_class"] = {nm: pc[nm]["AP"] for nm in names}
     res["seconds"] = time.time() - t0
     return res
 

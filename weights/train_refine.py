@@ -44,8 +44,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import io  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
@@ -249,8 +247,6 @@ def loss_a2c(head, o, a, gen):
 
 @torch.no_grad()
 def evaluate(head, val, cache_dir, n, names, threshold=0.7):
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
     from torchvision.models.detection.transform import resize_boxes
     k = len(names)
     gt = tr.coco_gt(val, k + 1, names)
@@ -274,22 +270,9 @@ def evaluate(head, val, cache_dir, n, names, threshold=0.7):
     for r, dets in runs.items():
         m = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "per_class": {}}
         if dets:
-            with contextlib.redirect_stdout(io.StringIO()):
-                g = COCO()
-                g.dataset = {**gt, "images": gt["images"][:n], "annotations": [x for x in gt["annotations"] if x["image_id"] < n]}
-                g.createIndex()
-                E = COCOeval(g, g.loadRes(dets), "bbox")
-                E.params.imgIds = list(range(n))
-                E.evaluate()
-                E.accumulate()
-                E.summarize()
-            st = E.stats
-            m.update(AP=float(st[0]), AP50=float(st[1]), AP75=float(st[2]))
-            prec = E.eval["precision"]
-            for j, nm in enumerate(names):
-                p50, pall = prec[0, :, j, 0, 2], prec[:, :, j, 0, 2]
-                m["per_class"][nm] = {"AP": float(pall[pall > -1].mean()) if (pall > -1).any() else -1.0,
-                                      "AP50": float(p50[p50 > -1].mean()) if (p50 > -1).any() else -1.0}
+            st, pc = tr.coco_bbox_eval(gt, dets, n, names)
+            m.update(AP=st[0], AP50=st[1], AP75=st[2])
+            m["per_class"] = {nm: {"AP": v["AP"], "AP50": v["AP50"]} for nm, v in pc.items()}
         for j, nm in enumerate(names):
             m["per_class"].setdefault(nm, {})["count_mae"] = float(np.abs(counts[r][:, j] - cgt[:, j]).mean())
         res[r] = m
