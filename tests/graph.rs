@@ -192,6 +192,26 @@ fn structural_errors_name_the_node() {
         "{e}"
     );
 
+    // A node built by hand with the wrong arity: a linear layer with two in-place writes.
+    let mut graph = Graph::default();
+    let x = graph.input("x");
+    let count = graph.input("count");
+    graph.linear_into(
+        "two writes",
+        Linear::new(4, 3, Activation::None),
+        w.clone(),
+        x,
+        count,
+        1,
+        x,
+    );
+    graph.nodes[0].writes.push(count);
+    let e = graph.shapes(&shapes).unwrap_err().to_string();
+    assert!(
+        e.contains("two writes") && e.contains("2 in-place writes; the op takes 2 and 0..=1"),
+        "{e}"
+    );
+
     // A linear layer whose input has the wrong width.
     let mut graph = Graph::default();
     let x = graph.input("x");

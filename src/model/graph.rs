@@ -98,21 +98,19 @@ impl Op {
         }
     }
 
-    /// (inputs, in-place writes) the op takes (a linear layer writes 0 or 1).
-    fn arity(&self) -> (usize, usize) {
+    /// The inputs the op takes and the in-place writes it accepts (a linear layer produces a
+    /// value or overwrites one graph input: 0 or 1 writes).
+    fn arity(&self) -> (usize, std::ops::RangeInclusive<usize>) {
         match self {
-            Op::Conv { .. } | Op::Pool { .. } => (1, 0),
-            Op::Linear { .. } => (2, 0),
-            Op::RoiAlign { .. } => (6, 0),
-            Op::Attention { .. } => (4, 1),
-            Op::Cell { kernels } => (
-                4,
-                match kernels.cell {
-                    CellKind::Gru => 1,
-                    CellKind::Lstm => 2,
-                },
-            ),
-            Op::RefineStep { .. } => (2, 4),
+            Op::Conv { .. } | Op::Pool { .. } => (1, 0..=0),
+            Op::Linear { .. } => (2, 0..=1),
+            Op::RoiAlign { .. } => (6, 0..=0),
+            Op::Attention { .. } => (4, 1..=1),
+            Op::Cell { kernels } => match kernels.cell {
+                CellKind::Gru => (4, 1..=1),
+                CellKind::Lstm => (4, 2..=2),
+            },
+            Op::RefineStep { .. } => (2, 4..=4),
         }
     }
 }
@@ -375,22 +373,21 @@ impl Graph {
         }
         for n in &self.nodes {
             let (ni, nw) = n.op.arity();
-            // A linear layer either produces a value or overwrites one input (`linear_into`).
-            let nw = match n.op {
-                Op::Linear { .. } => n.writes.len().min(1),
-                _ => nw,
-            };
-            if n.inputs.len() != ni || n.writes.len() != nw {
+            if n.inputs.len() != ni || !nw.contains(&n.writes.len()) {
                 return Err(Error::shape(
                     &n.name,
                     format!(
-                        "{} node with {} inputs and {} in-place writes; the op takes {ni} and {nw}",
+                        "{} node with {} inputs and {} in-place writes; the op takes {ni} and \
+                         {}..={}",
                         n.op.kind(),
                         n.inputs.len(),
-                        n.writes.len()
+                        n.writes.len(),
+                        nw.start(),
+                        nw.end()
                     ),
                 ));
             }
+            let nw = n.writes.len();
             let mut ins = Vec::with_capacity(ni);
             for v in n.reads().chain(n.writes.iter().copied()) {
                 let s = shapes.get(v).copied().flatten().ok_or_else(|| {
