@@ -1472,6 +1472,26 @@ fn invert(want_to_got: &[Option<usize>], n_got: usize) -> Vec<Option<usize>> {
     v
 }
 
+/// The engine's refined detections (and the head's debug outputs `g`) matched against the
+/// reference's (`want`, `r`): [`match_refined`] with both sides built from what a run returns.
+/// The third group is (stop threshold, steps, classes with background).
+#[allow(clippy::too_many_arguments)]
+fn match_engine_refined(
+    detections: &[crate::model::detector::Detection],
+    g: &RefineDebug,
+    want: &[Det],
+    r: &RefRefine,
+    plain: Option<&matching::DetMatch>,
+    rules: &matching::DetRules,
+    (stop_threshold, steps, classes): (f32, usize, usize),
+    sizes: ((usize, usize), (usize, usize)),
+) -> (Vec<Det>, matching::DetMatch) {
+    let got = to_dets(detections);
+    let (rs, es) = (ref_side(r), engine_side(g, steps, classes));
+    let m = match_refined(&got, &es, want, &rs, plain, rules, stop_threshold, sizes);
+    (got, m)
+}
+
 /// The refined detections of both sides, set-matched with the hints above.
 #[allow(clippy::too_many_arguments)]
 fn match_refined(
@@ -1694,16 +1714,14 @@ pub fn validate_heads_with(
     // refine.* from the image.
     if let (true, Some(want), Some(r), Some(g)) = (refining, &ref_refined, &rr, &st.refine) {
         let (stop_thr, _, steps) = head.expect("refining");
-        let got = to_dets(&out.detections);
-        let (rs, es) = (ref_side(r), engine_side(g, steps, det.num_classes));
-        let m = match_refined(
-            &got,
-            &es,
+        let (got, m) = match_engine_refined(
+            &out.detections,
+            g,
             want,
-            &rs,
+            r,
             plain_match.as_ref(),
             &refine_rules(set_tol::DET_IOU_E2E, set_tol::DET_DSCORE_E2E),
-            stop_thr,
+            (stop_thr, steps, det.num_classes),
             (resized, orig),
         );
         report
@@ -1780,16 +1798,14 @@ pub fn validate_heads_with(
     }
     if let (true, Some(want), Some(r), Some(g)) = (refining, &ref_refined, &rr, &tst.refine) {
         let (stop_thr, _, steps) = head.expect("refining");
-        let got = to_dets(&tout.detections);
-        let (rs, es) = (ref_side(r), engine_side(g, steps, det.num_classes));
-        let m = match_refined(
-            &got,
-            &es,
+        let (_, m) = match_engine_refined(
+            &tout.detections,
+            g,
             want,
-            &rs,
+            r,
             tplain_match.as_ref(),
             &refine_rules(set_tol::DET_IOU_TF, refine_tol::DSCORE_TF),
-            stop_thr,
+            (stop_thr, steps, det.num_classes),
             (resized, orig),
         );
         report
