@@ -4,6 +4,7 @@ one image at a time (no batch padding), PIL-decoded pixels, the model's own conf
 
     python3 weights/eval_model.py --weights W.safetensors --data DATASET_ROOT [--split val]
         [--threshold 0.7] [--out metrics.json] [--limit N] [--no-refine]
+        [--min-size N --max-size M]
 
 A file with a refinement head (refine.* + the `refine` config) is evaluated through the head
 (weights/refine.py detect_refined: the detector, then the head on its live full-precision FPN
@@ -40,10 +41,20 @@ def main(argv=None):
     ap.add_argument("--limit", type=int)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-refine", action="store_true", help="ignore the file's refinement head")
+    ap.add_argument("--min-size", type=int, help="test-scale sweep: override the config's transform min_size")
+    ap.add_argument("--max-size", type=int, help="test-scale sweep: override the config's transform max_size")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     model, cfg, arch, _ = mm.load_marrow(a.weights)
     model.eval()
+    # A test-scale sweep measures what editing the file's transform sizes would give; the engine
+    # reads the same two numbers from the config, so the result transfers as is.
+    if a.min_size is not None:
+        model.transform.min_size = (a.min_size,)
+        cfg["transform"]["min_size"] = a.min_size
+    if a.max_size is not None:
+        model.transform.max_size = a.max_size
+        cfg["transform"]["max_size"] = a.max_size
     import refine as rf
     head = None if a.no_refine else rf.head_from_model(model, cfg, arch)
     names = cfg["class_names"][1:]
@@ -78,7 +89,8 @@ def main(argv=None):
             "gt": int(counts_gt[:, j].sum()), "counted": int(counts_det[:, j].sum()),
         }
     res = {"weights": os.path.basename(a.weights), "output": "detector" if head is None else f"refine ({cfg['refine']['cell']})",
-           "split": a.split, "images": n, "threshold": a.threshold,
+           "split": a.split, "images": n,
+           "min_size": model.transform.min_size[0], "max_size": model.transform.max_size, "threshold": a.threshold,
            "AP": st[0], "AP50": st[1], "AP75": st[2], "APs": st[3], "APm": st[4], "APl": st[5],
            "AR1": st[6], "AR10": st[7], "AR100": st[8],
            "mAP50_classes": float(np.mean([per_class[nm]["AP50"] for nm in names])),
