@@ -201,6 +201,33 @@ fn config_metadata_errors_name_the_field() {
     assert!(e.contains("format_version"), "{e}");
     let e = load(&with(r#"{"transform":{"image_std":[0.2,0.0,0.2]}}"#)).unwrap_err();
     assert!(e.contains("image_std"), "{e}");
+    // Anchors: one size per FPN level, sane sizes and ratios.
+    let e = load(&with(r#"{"rpn":{"anchor_sizes":[32,64,128,256]}}"#)).unwrap_err();
+    assert!(
+        e.contains("rpn.anchor_sizes") && e.contains("4 entries"),
+        "{e}"
+    );
+    let e = load(&with(r#"{"rpn":{"anchor_sizes":[32,64,0,256,512]}}"#)).unwrap_err();
+    assert!(e.contains("rpn.anchor_sizes") && e.contains("0"), "{e}");
+    let e = load(&with(r#"{"rpn":{"aspect_ratios":[]}}"#)).unwrap_err();
+    assert!(
+        e.contains("rpn.aspect_ratios") && e.contains("0 entries"),
+        "{e}"
+    );
+    let e = load(&with(r#"{"rpn":{"aspect_ratios":[0.5,1,2,3,4,5,6,7,8]}}"#)).unwrap_err();
+    assert!(
+        e.contains("rpn.aspect_ratios") && e.contains("9 entries"),
+        "{e}"
+    );
+    let e = load(&with(r#"{"rpn":{"aspect_ratios":[0.5,-1,2]}}"#)).unwrap_err();
+    assert!(e.contains("rpn.aspect_ratios") && e.contains("-1"), "{e}");
+    let ok = load(&with(r#"{"rpn":{"anchor_sizes":[16,32,64,128,256.5]}}"#)).unwrap();
+    assert_eq!(ok.config.rpn.anchor_sizes, [16.0, 32.0, 64.0, 128.0, 256.5]);
+    assert_eq!(
+        ok.config.rpn.aspect_ratios,
+        [0.5, 1.0, 2.0],
+        "default ratios kept"
+    );
     let ok = load(&with(r#"{"transform":{"min_size":160}}"#)).unwrap();
     assert_eq!(ok.config.transform.min_size, 160);
     assert_eq!(

@@ -57,6 +57,31 @@ fn pool61_fixture_matches_torchvision() {
     run_case("image_pool61_50x210.safetensors");
 }
 
+/// A model with non-default anchors (sizes 20/44.5/90/170/333, five aspect ratios, so a 5-output
+/// RPN head), carried in its config: proposals and detections must still match torchvision.
+#[test]
+fn custom_anchor_fixture_matches_torchvision() {
+    run_case("image_anchors5_90x120.safetensors");
+}
+
+/// The same weights with the config's anchors removed (default: 3 ratios) are refused by name,
+/// not run with logits paired to the wrong anchors.
+#[test]
+fn anchor_count_mismatch_is_refused() {
+    let dump = RefDump::open(&fixture("image_anchors5_90x120.safetensors")).unwrap();
+    let mut ws = dump.seeded_weights().unwrap().unwrap();
+    assert_eq!(ws.config.rpn.aspect_ratios.len(), 5);
+    ws.config.rpn.aspect_ratios = cpu::rpn::DEFAULT_RATIOS.to_vec();
+    let e = Detector::new(gpu(), ws)
+        .err()
+        .expect("mismatch accepted")
+        .to_string();
+    assert!(
+        e.contains("rpn.head.cls_logits.weight has 5 outputs") && e.contains("rpn.aspect_ratios"),
+        "{e}"
+    );
+}
+
 fn fixture_detector(file: &str) -> (RefDump, Detector<'static>, ImageF32) {
     let dump = RefDump::open(&fixture(file)).unwrap();
     let ws = dump.seeded_weights().unwrap().unwrap();

@@ -73,8 +73,25 @@ fn anchors_bit_exact_vs_torchvision() {
     let dump = fixture("rpn_anchors.safetensors");
     let meta: serde_json::Value =
         serde_json::from_str(&dump.metadata["marrow.rpn.anchors"]).unwrap();
-    let op = RpnProposals::default();
+    let mut custom = 0;
     for (tag, m) in meta.as_object().unwrap() {
+        // Cases with `sizes` / `ratios` come from a non-default AnchorGenerator (a config's
+        // rpn.anchor_sizes / aspect_ratios); the others from torchvision's default one.
+        let floats = |k: &str| -> Option<Vec<f32>> {
+            m.get(k).map(|v| {
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect()
+            })
+        };
+        let mut op = RpnProposals::default();
+        if let (Some(sizes), Some(ratios)) = (floats("sizes"), floats("ratios")) {
+            op.anchor_sizes = sizes;
+            op.aspect_ratios = ratios;
+            custom += 1;
+        }
         let padded = (
             m["padded"][0].as_u64().unwrap() as usize,
             m["padded"][1].as_u64().unwrap() as usize,
@@ -89,7 +106,7 @@ fn anchors_bit_exact_vs_torchvision() {
             .collect();
         let want_hash = u64::from_str_radix(m["fnv1a64"].as_str().unwrap(), 16).unwrap();
 
-        let host = cpu::anchors(padded, &feat, &cpu::DEFAULT_SIZES, &cpu::DEFAULT_RATIOS);
+        let host = cpu::anchors(padded, &feat, &op.anchor_sizes, &op.aspect_ratios);
         let plan = op.plan(&feat, padded, padded).unwrap();
         assert_eq!(plan.topk.lens, counts, "{tag}: per-level counts");
         let dev = gpu_anchors(g, &plan);
@@ -124,10 +141,17 @@ fn anchors_bit_exact_vs_torchvision() {
             );
         }
         eprintln!(
-            "anchors {tag}: {} anchors, strides {strides:?}: bit-exact (cpu and gpu)",
-            host.len()
+            "anchors {tag}: {} anchors, sizes {:?}, ratios {:?}, strides {strides:?}: bit-exact \
+             (cpu and gpu)",
+            host.len(),
+            op.anchor_sizes,
+            op.aspect_ratios
         );
     }
+    assert_eq!(
+        custom, 2,
+        "the fixture's two non-default anchor generators were compared"
+    );
 }
 
 /// Values with many exact ties: a few levels of a coarse grid, ±0, occasional NaN / ±inf.

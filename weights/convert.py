@@ -69,7 +69,8 @@ def checkpoint_refine_config(obj):
 
 
 def convert(src: str, dst: str, half=False, class_names=None, eps=None, min_size=800, max_size=1333,
-            drop_unknown=False, verify=True, log=print, field=None, lineage=None, refine_config=None) -> dict:
+            drop_unknown=False, verify=True, log=print, field=None, lineage=None, refine_config=None,
+            anchor_sizes=None, aspect_ratios=None) -> dict:
     try:
         obj = torch.load(src, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001  (torch raises many kinds for a bad file)
@@ -78,7 +79,8 @@ def convert(src: str, dst: str, half=False, class_names=None, eps=None, min_size
     eps = infer_eps(raw, eps, log)
     sd = mm.normalise_names(raw)
     arch = mm.infer_arch({k: tuple(v.shape) for k, v in sd.items() if not k.startswith(mm.REFINE_PREFIX)})
-    cfg = mm.make_config(arch["backbone"], class_names, min_size, max_size, eps, field, lineage)
+    cfg = mm.make_config(arch["backbone"], class_names, min_size, max_size, eps, field, lineage,
+                         anchor_sizes, aspect_ratios)
     mm.check_config_vs_arch(cfg, arch)
     # The refinement head: its config from --refine-config or the checkpoint; its tensors checked
     # against it and the detector (H, K, G, N, C, R), each error naming the tensor.
@@ -130,6 +132,16 @@ def convert(src: str, dst: str, half=False, class_names=None, eps=None, min_size
     return arch
 
 
+def parse_floats(flag: str, text):
+    """None, or the comma-separated numbers of a command-line flag (MarrowError naming the flag)."""
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise mm.MarrowError(f"{flag}: {text!r} is not a comma-separated list of numbers") from None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("input")
@@ -145,6 +157,10 @@ def main(argv=None):
     ap.add_argument("--max-size", type=int, default=1333)
     ap.add_argument("--field", type=int, help="field size in native pixels (median max(width, height) of "
                                               "the training images), recorded as config `field`")
+    ap.add_argument("--anchor-sizes", help="comma-separated AnchorGenerator sizes, one per FPN level P2..P6 "
+                    "(default 32,64,128,256,512); the state_dict cannot tell them")
+    ap.add_argument("--aspect-ratios", help="comma-separated AnchorGenerator aspect ratios h/w (default 0.5,1,2); "
+                    "their count must equal rpn.head.cls_logits' outputs")
     ap.add_argument("--lineage", help="comma-separated NAME=myeloid|erythroid, recorded as config `lineage`")
     ap.add_argument("--refine-config", help="JSON refine object (cell, hidden, key, steps[, stop_threshold, "
                     "nms_thresh]) for the checkpoint's refine.* tensors; default: the checkpoint's "
@@ -169,8 +185,10 @@ def main(argv=None):
             lineage[k.strip()] = v.strip()
     try:
         rc = json.loads(a.refine_config) if a.refine_config else None
+        sizes = parse_floats("--anchor-sizes", a.anchor_sizes)
+        ratios = parse_floats("--aspect-ratios", a.aspect_ratios)
         convert(a.input, a.output, a.half, names, a.eps, a.min_size, a.max_size, a.drop_unknown, not a.no_verify,
-                field=a.field, lineage=lineage, refine_config=rc)
+                field=a.field, lineage=lineage, refine_config=rc, anchor_sizes=sizes, aspect_ratios=ratios)
     except (mm.MarrowError, OSError, RuntimeError, ValueError, KeyError) as e:
         print(f"error: {a.input}: {e}", file=sys.stderr)
         return 2

@@ -39,9 +39,15 @@ SCALES = {
 LAYERS_KEY = "marrow.layers"
 
 
-def fixture_model():
-    cfg = mm.make_config("resnet50", CLASS_NAMES, MIN_SIZE, MAX_SIZE, 0.0)
-    arch = mm.arch_for("resnet50", FPN_WIDTH, len(CLASS_NAMES), REPRESENTATION)
+# A second fixture model, identical but for its anchors: sizes with a fractional one (the rounding
+# of the cell anchors) and five aspect ratios, so the RPN head has 5 outputs per location.
+CUSTOM_ANCHORS = {"anchor_sizes": [20.0, 44.5, 90.0, 170.0, 333.0], "aspect_ratios": [0.25, 0.5, 1.0, 2.0, 4.0]}
+
+
+def fixture_model(anchors: dict | None = None):
+    cfg = mm.make_config("resnet50", CLASS_NAMES, MIN_SIZE, MAX_SIZE, 0.0, **(anchors or {}))
+    arch = mm.arch_for("resnet50", FPN_WIDTH, len(CLASS_NAMES), REPRESENTATION,
+                       anchors=len(cfg["rpn"]["aspect_ratios"]))
     model, spec, check, _ = mm.build_seeded_model(cfg, arch, SEED, SCALES)
     meta = {mm.CONFIG_KEY: mm.config_json(cfg), mm.SEEDGEN_KEY: spec, mm.SEEDGEN_CHECK_KEY: check}
     return model, cfg, meta
@@ -120,6 +126,15 @@ IMAGES = [
                 and _pool_stride(t) == (53, 61))),
 ]
 
+ANCHOR_IMAGES = [
+    ("anchors5_90x120", (90, 120), 4,
+     "custom anchors (CUSTOM_ANCHORS: sizes 20/44.5/90/170/333, 5 aspect ratios): 90x120 -> resized "
+     "160x213, padded 160x224; 5 anchors per location",
+     lambda t: (t["transform.size"].tolist() == [160, 213]
+                and t["rpn.logits"].numel() == 5 * sum(h * w for h, w in
+                                                       [(40, 56), (20, 28), (10, 14), (5, 7), (3, 4)]))),
+]
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
@@ -142,6 +157,18 @@ def main(argv=None):
             raise SystemExit(f"fixture {tag}: size assertion failed: {info}")
         sig = t["rpn.scores"]
         print(f"{tag}: {info} rpn.scores std {sig.std().item():.3f} "
+              f"det labels {torch.bincount(t['det.labels'], minlength=len(CLASS_NAMES)).tolist()}")
+        paths.append(p)
+    # The custom-anchor model on one small image: the whole detector with non-default anchors.
+    model_a, cfg_a, meta_a = fixture_model(CUSTOM_ANCHORS)
+    for tag, (h, w), seed, note, check in ANCHOR_IMAGES:
+        img = mr.synthetic_image(h, w, seed)
+        p = os.path.join(a.out, f"image_{tag}.safetensors")
+        t, info = mr.make_reference(model_a, cfg_a, img, p, f"synthetic {h}x{w} seed {seed}", full=False,
+                                    note=note, extra_meta=dict(meta_a))
+        if not check(t):
+            raise SystemExit(f"fixture {tag}: check failed: {info}")
+        print(f"{tag}: {info} rpn.logits {tuple(t['rpn.logits'].shape)} "
               f"det labels {torch.bincount(t['det.labels'], minlength=len(CLASS_NAMES)).tolist()}")
         paths.append(p)
     total = 0

@@ -6,7 +6,8 @@ references for the RPN's post-head stages (anchors, per-level top-k, decode, pre
 
 CPU, f32, torch.set_num_threads(1). Deterministic, byte-identical output.
 
-rpn_anchors.safetensors: torchvision's default AnchorGenerator (sizes 32..512, ratios 0.5/1/2) on
+rpn_anchors.safetensors: torchvision's default AnchorGenerator (sizes 32..512, ratios 0.5/1/2), and
+two non-default ones (CUSTOM_ANCHOR_CASES; their sizes and ratios in the case's metadata), on
 feature maps shaped like the FPN's for several padded sizes (P2..P5 = Hp/4..Hp/32, pool =
 ceil(P5/2), so the pool level's stride is Hp // ceil(Hp/64): 61 for 800 and 672, 53 for 160).
 Per case <tag>: `anchors.<tag>.feat` [L,2] i64 (h,w), `anchors.<tag>.strides` [L,2] i64,
@@ -44,6 +45,14 @@ ANCHOR_CASES = [
     ("p800x1088", (800, 1088), False), # pool 13x17: strides (61, 64); 217 413 anchors
     ("p1344x800", (1344, 800), False), # portrait max size: pool 21x13: strides (64, 61)
 ]
+# Non-default generators (config rpn.anchor_sizes / aspect_ratios): tag, padded, all?, anchors.
+# A fractional size and odd ratios exercise the cell anchors' rounding; 7 ratios = 7 per location.
+CUSTOM_ANCHOR_CASES = [
+    ("c96x160", (96, 160), True, {"anchor_sizes": [20.0, 44.5, 90.0, 170.0, 333.0],
+                                  "aspect_ratios": [0.25, 0.5, 1.0, 2.0, 4.0]}),
+    ("c800x1088", (800, 1088), False, {"anchor_sizes": [12.0, 27.3, 61.0, 137.9, 300.0],
+                                       "aspect_ratios": [0.3, 0.6, 0.9, 1.0, 1.1, 1.7, 3.3]}),
+]
 
 
 def fnv1a64(b: bytes) -> int:
@@ -60,16 +69,18 @@ def feat_sizes(hp: int, wp: int):
     return fs
 
 
-def anchor_generator():
+def anchor_generator(anchors=None):
     from torchvision.models.detection.anchor_utils import AnchorGenerator
+    if anchors is not None:
+        return mm.anchor_generator(mm.make_config(**anchors))
     sizes = ((32,), (64,), (128,), (256,), (512,))
     return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
 
 
 @torch.no_grad()
-def anchors_for(hp: int, wp: int):
+def anchors_for(hp: int, wp: int, anchors=None):
     from torchvision.models.detection.image_list import ImageList
-    gen = anchor_generator()
+    gen = anchor_generator(anchors)
     fs = feat_sizes(hp, wp)
     il = ImageList(torch.zeros(1, 3, hp, wp), [(hp, wp)])
     feats = [torch.zeros(1, 1, h, w) for h, w in fs]
@@ -78,10 +89,12 @@ def anchors_for(hp: int, wp: int):
 
 def make_anchors(path: str):
     out, meta = OrderedDict(), {}
-    for tag, (hp, wp), full in ANCHOR_CASES:
-        a, fs = anchors_for(hp, wp)
+    cases = [c + (None,) for c in ANCHOR_CASES] + CUSTOM_ANCHOR_CASES
+    for tag, (hp, wp), full, anchors in cases:
+        a, fs = anchors_for(hp, wp, anchors)
         a = a.to(torch.float32).contiguous()
-        counts = [h * w * 3 for h, w in fs]
+        per_loc = 3 if anchors is None else len(anchors["aspect_ratios"])
+        counts = [h * w * per_loc for h, w in fs]
         assert a.shape[0] == sum(counts)
         out[f"anchors.{tag}.feat"] = torch.tensor(fs, dtype=torch.int64)
         out[f"anchors.{tag}.strides"] = torch.tensor([[hp // h, wp // w] for h, w in fs], dtype=torch.int64)
@@ -91,6 +104,8 @@ def make_anchors(path: str):
         else:
             out[f"anchors.{tag}.sample"] = a[::97].contiguous()
         meta[tag] = {"padded": [hp, wp], "fnv1a64": f"{fnv1a64(a.numpy().astype('<f4').tobytes()):016x}"}
+        if anchors is not None:
+            meta[tag]["sizes"], meta[tag]["ratios"] = anchors["anchor_sizes"], anchors["aspect_ratios"]
         print(f"anchors {tag}: feat {fs} N {a.shape[0]} strides {[[hp // h, wp // w] for h, w in fs]}")
     mm.write_safetensors(path, out, {"marrow.rpn.anchors": json.dumps(meta, sort_keys=True),
                                      "marrow.fixture.note": "torchvision AnchorGenerator outputs"})

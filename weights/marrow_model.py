@@ -11,6 +11,7 @@ import copy
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -41,7 +42,10 @@ DEFAULT_CONFIG = {
         "size_divisible": 32,
     },
     "frozen_bn_eps": 0.0,
-    "rpn": {"pre_nms_top_n": 1000, "post_nms_top_n": 1000, "nms_thresh": 0.7, "score_thresh": 0.0, "min_size": 0.001},
+    # anchor_sizes: one AnchorGenerator size per FPN level (P2..P6); aspect_ratios (h / w) shared by
+    # every level. Omitted from a written config when they are torchvision's defaults.
+    "rpn": {"pre_nms_top_n": 1000, "post_nms_top_n": 1000, "nms_thresh": 0.7, "score_thresh": 0.0, "min_size": 0.001,
+            "anchor_sizes": [32.0, 64.0, 128.0, 256.0, 512.0], "aspect_ratios": [0.5, 1.0, 2.0]},
     "box_head": {"score_thresh": 0.05, "nms_thresh": 0.5, "detections_per_img": 100, "min_size": 0.01},
     "refine": None,
     # Optional (omitted from the JSON when None): the field size in native pixels the model was
@@ -51,6 +55,8 @@ DEFAULT_CONFIG = {
     "lineage": None,
 }
 OPTIONAL_KEYS = ("refine", "field", "lineage")
+FPN_LEVELS = 5  # P2..P5 + the max-pool P6: one anchor size each
+MAX_ANCHORS_PER_LOCATION = 8  # src/ops/rpn.rs: the cell anchors travel in a uniform
 LINEAGES = ("myeloid", "erythroid")
 
 # The refinement head's config object (docs/design.md §6, docs/refinement.md). cell, hidden, key
@@ -95,6 +101,7 @@ def merge_config(partial: dict | None) -> dict:
     if cfg["format_version"] > CONFIG_FORMAT_VERSION:
         raise MarrowError(f"{CONFIG_KEY}: format_version {cfg['format_version']} is newer than supported")
     check_optional(cfg)
+    check_anchors(cfg)
     if cfg["refine"] is not None:
         cfg["refine"] = check_refine_config(cfg["refine"])
     return cfg
@@ -225,11 +232,18 @@ def check_optional(cfg: dict, writing=False):
 def config_json(cfg: dict) -> str:
     """Serialise a config for the metadata (drops `refine`, `field` and `lineage` when None)."""
     out = {k: v for k, v in cfg.items() if not (k in OPTIONAL_KEYS and v is None)}
+    # Default anchors are left out, so files written before the anchor keys existed keep their
+    # bytes and older marrow binaries still read default-anchor files.
+    rpn = dict(out["rpn"])
+    for k in ("anchor_sizes", "aspect_ratios"):
+        if [float(x) for x in rpn[k]] == DEFAULT_CONFIG["rpn"][k]:
+            del rpn[k]
+    out["rpn"] = rpn
     return json.dumps(out, separators=(",", ":"))
 
 
 def make_config(backbone=None, class_names=None, min_size=800, max_size=1333, eps=0.0, field=None,
-                lineage=None) -> dict:
+                lineage=None, anchor_sizes=None, aspect_ratios=None) -> dict:
     cfg = merge_config({})
     cfg["backbone"] = backbone
     cfg["class_names"] = list(class_names) if class_names is not None else None
@@ -238,8 +252,32 @@ def make_config(backbone=None, class_names=None, min_size=800, max_size=1333, ep
     cfg["frozen_bn_eps"] = float(eps)
     cfg["field"] = None if field is None else int(field)
     cfg["lineage"] = None if lineage is None else dict(lineage)
+    if anchor_sizes is not None:
+        cfg["rpn"]["anchor_sizes"] = [float(x) for x in anchor_sizes]
+    if aspect_ratios is not None:
+        cfg["rpn"]["aspect_ratios"] = [float(x) for x in aspect_ratios]
     check_optional(cfg, writing=True)
+    check_anchors(cfg)
     return cfg
+
+
+def check_anchors(cfg: dict):
+    """rpn.anchor_sizes: one size per FPN level in 1..8192 px; rpn.aspect_ratios: 1..8 ratios in
+    1/64..64 (the ranges src/model/config.rs accepts)."""
+    r = cfg["rpn"]
+    sizes, ratios = r["anchor_sizes"], r["aspect_ratios"]
+    if not isinstance(sizes, list) or len(sizes) != FPN_LEVELS:
+        raise MarrowError(f"{CONFIG_KEY}: rpn.anchor_sizes must list {FPN_LEVELS} sizes, one per FPN level "
+                          f"(P2..P6), got {sizes!r}; several sizes per level are not supported")
+    for x in sizes:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not 1 <= x <= 8192:
+            raise MarrowError(f"{CONFIG_KEY}: rpn.anchor_sizes: {x!r} is not a size in 1..8192 pixels")
+    if not isinstance(ratios, list) or not 1 <= len(ratios) <= MAX_ANCHORS_PER_LOCATION:
+        raise MarrowError(f"{CONFIG_KEY}: rpn.aspect_ratios must list 1..{MAX_ANCHORS_PER_LOCATION} ratios, "
+                          f"got {ratios!r}")
+    for x in ratios:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not 1 / 64 <= x <= 64:
+            raise MarrowError(f"{CONFIG_KEY}: rpn.aspect_ratios: {x!r} is not a ratio (h / w) in 1/64..64")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,10 +359,11 @@ def infer_arch(shapes: dict) -> dict:
         raise MarrowError(f"roi_heads.box_head.fc6.weight in_features {fc6_in} != FPN width {fpn_w} * 7 * 7")
     num_classes = need("roi_heads.box_predictor.cls_score.weight")[0]
     a = need("rpn.head.cls_logits.weight")[0]
-    if a != 3:
-        raise MarrowError(f"rpn.head.cls_logits has {a} anchors per location; marrow supports 3 (default anchor generator)")
+    if not 1 <= a <= MAX_ANCHORS_PER_LOCATION:
+        raise MarrowError(f"rpn.head.cls_logits has {a} anchors per location; marrow supports "
+                          f"1..{MAX_ANCHORS_PER_LOCATION}")
     return {"backbone": backbone, "bottleneck": bottleneck, "layers": counts, "fpn_width": int(fpn_w),
-            "num_classes": int(num_classes), "representation_size": int(rep)}
+            "num_classes": int(num_classes), "representation_size": int(rep), "anchors": int(a)}
 
 
 def build_model(cfg: dict, arch: dict):
@@ -347,7 +386,7 @@ def build_model(cfg: dict, arch: dict):
         raise MarrowError("box_head.min_size != 0.01 cannot be reproduced by torchvision (hard-coded)")
     rep = arch["representation_size"]
     model = FasterRCNN(
-        backbone, num_classes=None,
+        backbone, num_classes=None, rpn_anchor_generator=anchor_generator(cfg),
         min_size=int(t["min_size"]), max_size=int(t["max_size"]),
         image_mean=[float(x) for x in t["image_mean"]], image_std=[float(x) for x in t["image_std"]],
         size_divisible=int(t["size_divisible"]),
@@ -361,7 +400,20 @@ def build_model(cfg: dict, arch: dict):
     return model.eval()
 
 
+def anchor_generator(cfg: dict):
+    """torchvision's AnchorGenerator for the config's rpn.anchor_sizes / aspect_ratios."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    r = cfg["rpn"]
+    return AnchorGenerator(sizes=tuple((float(s),) for s in r["anchor_sizes"]),
+                           aspect_ratios=(tuple(float(x) for x in r["aspect_ratios"]),) * len(r["anchor_sizes"]))
+
+
 def check_config_vs_arch(cfg: dict, arch: dict):
+    a, ratios = arch.get("anchors", 3), cfg["rpn"]["aspect_ratios"]
+    if a != len(ratios):
+        raise MarrowError(f"rpn.head.cls_logits has {a} anchors per location but rpn.aspect_ratios {ratios} "
+                          f"makes {len(ratios)}: give the checkpoint's AnchorGenerator aspect ratios "
+                          "(convert.py --aspect-ratios)")
     if cfg.get("backbone") not in (None, arch["backbone"]):
         raise MarrowError(f"config backbone {cfg['backbone']!r} but the tensors are a {arch['backbone']}")
     names = cfg.get("class_names")
@@ -495,9 +547,11 @@ def build_seeded_model(cfg: dict, arch: dict, seed: int, scales: dict):
     return model, spec, check, sd
 
 
-def arch_for(backbone: str, fpn_width: int, num_classes: int, representation_size: int = 1024) -> dict:
+def arch_for(backbone: str, fpn_width: int, num_classes: int, representation_size: int = 1024,
+             anchors: int = 3) -> dict:
     for (bott, counts), name in RESNETS.items():
         if name == backbone:
             return {"backbone": name, "bottleneck": bott, "layers": counts, "fpn_width": int(fpn_width),
-                    "num_classes": int(num_classes), "representation_size": int(representation_size)}
+                    "num_classes": int(num_classes), "representation_size": int(representation_size),
+                    "anchors": int(anchors)}
     raise MarrowError(f"unknown backbone {backbone!r}")

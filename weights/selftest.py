@@ -130,6 +130,30 @@ def check_convert():
         assert all(v.dtype == torch.float16 for v in t16.values())
         mm.load_marrow(out16)
         print("convert --half OK")
+        # A checkpoint trained with its own AnchorGenerator (5 ratios): refused without the
+        # anchors, converted with them, and the config carries them to torchvision and the engine.
+        anchors = {"anchor_sizes": [16.0, 40.0, 80.0, 160.0, 320.0], "aspect_ratios": [0.5, 0.7, 1.0, 1.4, 2.0]}
+        cfg_a = mm.make_config("resnet50", ["bg", "a", "b"], 160, 300, 0.0, **anchors)
+        model_a, _, _, sd_a = mm.build_seeded_model(cfg_a, mm.arch_for("resnet50", 32, 3, 256, anchors=5), 6, mf.SCALES)
+        torch.save(sd_a, p)
+        try:
+            convert.convert(p, out, eps=0.0, min_size=160, max_size=300, log=lambda *a: None)
+            raise AssertionError("5 anchors per location accepted with the default 3 aspect ratios")
+        except mm.MarrowError as e:
+            assert "5 anchors per location" in str(e) and "aspect" in str(e), e
+        convert.convert(p, out, eps=0.0, min_size=160, max_size=300, log=lambda *a: None, **anchors)
+        m_a, cfg_a2, _, meta_a = mm.load_marrow(out)
+        assert json.loads(meta_a[mm.CONFIG_KEY])["rpn"]["aspect_ratios"] == anchors["aspect_ratios"]
+        assert cfg_a2["rpn"]["anchor_sizes"] == anchors["anchor_sizes"]
+        ref_a = model_a([img])[0]
+        assert all(torch.equal(ref_a[k], m_a([img])[0][k]) for k in ref_a), "custom-anchor round trip differs"
+        for bad in ({"anchor_sizes": [32.0, 64.0]}, {"aspect_ratios": [0.0, 1.0, 2.0]}):
+            try:
+                mm.make_config(**bad)
+                raise AssertionError(f"{bad} accepted")
+            except mm.MarrowError as e:
+                assert next(iter(bad)) in str(e), e
+        print("convert with custom anchors OK (refused without them, round trip identical with them)")
         # unknown / missing / wrong class count
         extra = OrderedDict(sd)
         extra["roi_heads.mask_head.0.weight"] = torch.zeros(2, 2)

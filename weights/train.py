@@ -58,6 +58,8 @@ import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import convert  # noqa: E402
+import marrow_model as mm  # noqa: E402
 
 CONFIGS = {
     "compact": {"backbone": "resnet18", "fpn_width": 128, "representation_size": 256,
@@ -266,9 +268,12 @@ def build_train_model(c: dict, num_classes: int):
     backbone = BackboneWithFPN(body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
                                in_channels_list, w, extra_blocks=LastLevelMaxPool())
     rep = c["representation_size"]
-    # Everything else (anchors, RPN / box test-time parameters, mean / std) is torchvision's default,
-    # which is marrow's default config.
-    model = FasterRCNN(backbone, num_classes=None, min_size=tuple(c["train_min_sizes"]), max_size=c["max_size"],
+    # Anchors: the config's (torchvision's defaults unless --anchor-sizes / --aspect-ratios).
+    # Everything else (RPN / box test-time parameters, mean / std) is torchvision's default, which
+    # is marrow's default config.
+    acfg = mm.make_config(anchor_sizes=c.get("anchor_sizes"), aspect_ratios=c.get("aspect_ratios"))
+    model = FasterRCNN(backbone, num_classes=None, rpn_anchor_generator=mm.anchor_generator(acfg),
+                       min_size=tuple(c["train_min_sizes"]), max_size=c["max_size"],
                        box_head=TwoMLPHead(w * 7 * 7, rep), box_predictor=FastRCNNPredictor(rep, num_classes))
     return model
 
@@ -408,6 +413,11 @@ def train(a):
         c["min_size"] = a.min_size
     if a.max_size:
         c["max_size"] = a.max_size
+    for key, flag in (("anchor_sizes", "--anchor-sizes"), ("aspect_ratios", "--aspect-ratios")):
+        v = convert.parse_floats(flag, getattr(a, key))
+        if v is not None:
+            c[key] = v
+    mm.make_config(anchor_sizes=c.get("anchor_sizes"), aspect_ratios=c.get("aspect_ratios"))  # range checks
     log(f"train.py {' '.join(sys.argv[1:])}")
     log(f"torch {torch.__version__}, threads {torch.get_num_threads()}, config {a.config}: {json.dumps(c)}")
     train_set, val_set, names = load_data(a)
@@ -585,7 +595,6 @@ def train(a):
 
 
 def export(work_dir, out, half=False, which="best", log=print, field=None):
-    import convert
     path = os.path.join(work_dir, f"{which}.pt")
     if which == "best" and not os.path.exists(path):
         log(f"no best.pt in {work_dir} (no finished epoch); exporting last.pt")
@@ -593,7 +602,8 @@ def export(work_dir, out, half=False, which="best", log=print, field=None):
     ck = torch.load(path, map_location="cpu", weights_only=False)
     c = ck["config"]
     convert.convert(path, out, half=half, class_names=ck["class_names"], eps=EXPORT_EPS, min_size=c["min_size"],
-                    max_size=c["max_size"], field=field or ck["field"], log=log)
+                    max_size=c["max_size"], field=field or ck["field"], log=log,
+                    anchor_sizes=c.get("anchor_sizes"), aspect_ratios=c.get("aspect_ratios"))
     if "val" in ck:
         log(f"{out}: from {os.path.basename(path)}, epoch {ck['epoch']}, val AP {ck['val']['AP']:.4f} "
             f"AP50 {ck['val']['AP50']:.4f}")
@@ -624,6 +634,9 @@ def main(argv=None):
     ap.add_argument("--config", choices=sorted(CONFIGS), default="compact")
     ap.add_argument("--min-size", type=int, help="override the config's (export / eval) min_size")
     ap.add_argument("--max-size", type=int, help="override the config's max_size")
+    ap.add_argument("--anchor-sizes", help="AnchorGenerator sizes, one per FPN level P2..P6, comma-separated "
+                    "(default 32,64,128,256,512)")
+    ap.add_argument("--aspect-ratios", help="AnchorGenerator aspect ratios h/w, comma-separated (default 0.5,1,2)")
     ap.add_argument("--epochs", type=int, help="schedule length (default 12 without --time-budget)")
     ap.add_argument("--time-budget", type=float, help="minutes of training + evaluation; fits the epochs into it")
     ap.add_argument("--lr", type=float, default=0.01)

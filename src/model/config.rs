@@ -6,6 +6,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::ops::rpn::MAX_ANCHORS_PER_LOCATION;
+
+/// Feature-pyramid levels the detector has (P2..P5 and the max-pool P6): one anchor size each.
+pub const FPN_LEVELS: usize = 5;
+
 /// The metadata key that holds the JSON config.
 pub const CONFIG_KEY: &str = "marrow.config";
 
@@ -59,6 +64,13 @@ pub struct RpnConfig {
     pub nms_thresh: f32,
     pub score_thresh: f32,
     pub min_size: f32,
+    /// torchvision `AnchorGenerator` sizes: one size per FPN level (P2..P6, in input pixels of the
+    /// resized image). The weights cannot tell these: a checkpoint trained with other anchors
+    /// runs with wrong boxes unless its config says so.
+    pub anchor_sizes: Vec<f32>,
+    /// `AnchorGenerator` aspect ratios (h / w), the same for every level. Their count must equal
+    /// the RPN head's outputs per location (`rpn.head.cls_logits.weight` rows).
+    pub aspect_ratios: Vec<f32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,6 +119,8 @@ impl Default for RpnConfig {
             nms_thresh: 0.7,
             score_thresh: 0.0,
             min_size: 1e-3,
+            anchor_sizes: crate::cpu::rpn::DEFAULT_SIZES.to_vec(),
+            aspect_ratios: crate::cpu::rpn::DEFAULT_RATIOS.to_vec(),
         }
     }
 }
@@ -160,6 +174,41 @@ impl ModelConfig {
         }
         if !self.frozen_bn_eps.is_finite() || self.frozen_bn_eps < 0.0 {
             return Err(format!("frozen_bn_eps {} must be ≥ 0", self.frozen_bn_eps));
+        }
+        let r = &self.rpn;
+        // One size per level: marrow's FPN always has five levels (P2..P5 + the max-pool P6).
+        // torchvision also allows several sizes per level; those files are refused here rather
+        // than run with half their anchors.
+        if r.anchor_sizes.len() != FPN_LEVELS {
+            return Err(format!(
+                "rpn.anchor_sizes has {} entries; marrow's FPN has {FPN_LEVELS} levels and takes \
+                 one anchor size per level",
+                r.anchor_sizes.len()
+            ));
+        }
+        if let Some(s) = r
+            .anchor_sizes
+            .iter()
+            .find(|s| !s.is_finite() || **s < 1.0 || **s > 8192.0)
+        {
+            return Err(format!(
+                "rpn.anchor_sizes: {s} is not a size in 1..=8192 pixels"
+            ));
+        }
+        if r.aspect_ratios.is_empty() || r.aspect_ratios.len() > MAX_ANCHORS_PER_LOCATION {
+            return Err(format!(
+                "rpn.aspect_ratios has {} entries; marrow takes 1..={MAX_ANCHORS_PER_LOCATION}",
+                r.aspect_ratios.len()
+            ));
+        }
+        if let Some(a) = r
+            .aspect_ratios
+            .iter()
+            .find(|a| !a.is_finite() || **a < 1.0 / 64.0 || **a > 64.0)
+        {
+            return Err(format!(
+                "rpn.aspect_ratios: {a} is not a ratio (h / w) in 1/64..=64"
+            ));
         }
         if let Some(f) = self.field {
             if !(32..=65536).contains(&f) {

@@ -46,6 +46,21 @@ impl RpnHead {
             .shape("rpn.head.cls_logits.weight")
             .map(|s| s[0])
             .ok_or_else(|| werr(ws, "tensor rpn.head.cls_logits.weight is missing".into()))?;
+        // The head predicts one objectness per anchor; the anchors come from the config. A
+        // mismatch would pair logits with the wrong anchors, so it is refused, naming both.
+        let ratios = &ws.config.rpn.aspect_ratios;
+        if a != ratios.len() {
+            return Err(werr(
+                ws,
+                format!(
+                    "rpn.head.cls_logits.weight has {a} outputs (anchors per location) but the \
+                     config's rpn.aspect_ratios {ratios:?} makes {} anchors per location; set \
+                     rpn.aspect_ratios to the checkpoint's AnchorGenerator aspect ratios \
+                     (weights/convert.py --aspect-ratios)",
+                    ratios.len()
+                ),
+            ));
+        }
         let up = |name: &str, op: Conv2d| -> Result<(Conv2d, Arc<ConvWeights>)> {
             let (w, b) = ws.conv_bias(name, [op.cout, op.cin, op.kh, op.kw])?;
             Ok((op, Arc::new(op.upload(gpu, name, &w, &b)?)))

@@ -359,7 +359,8 @@ impl RpnStage {
             pre_nms_top_n: cfg.pre_nms_top_n as usize,
             min_size: cfg.min_size,
             score_thresh: cfg.score_thresh,
-            ..Default::default()
+            anchor_sizes: cfg.anchor_sizes.clone(),
+            aspect_ratios: cfg.aspect_ratios.clone(),
         }
         .plan(
             &levels
