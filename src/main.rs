@@ -87,6 +87,16 @@ enum Cmd {
     /// The review workstation: a local web app in which a person checks, corrects, tallies and
     /// signs off the counts of folders of fields (open the printed address in a browser).
     Serve(cli::serve::ServeArgs),
+    /// Describe a model without a GPU: classes, architecture, transform, anchors, thresholds,
+    /// field, refinement head and SHA-256.
+    Model {
+        /// marrow safetensors model; default: MARROW_WEIGHTS, else the built-in model.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run transform + ResNet body + FPN on an image and print the feature pyramid and timing.
     Features {
         image: PathBuf,
@@ -145,6 +155,7 @@ fn run(cli: Cli) -> marrow::Result<ExitCode> {
             csv,
             allow_partial,
         } => cli::count::run_merge(reports, out, csv.as_deref(), *allow_partial),
+        Cmd::Model { weights, json } => cli::model::run_model(weights.as_deref(), *json),
         Cmd::Info => {
             println!("marrow {}", env!("CARGO_PKG_VERSION"));
             println!("adapters:");

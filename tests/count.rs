@@ -504,3 +504,72 @@ fn a_batch_of_bad_inputs_counts_everything_else() {
     }
     assert!(good >= 5 && bad >= 10, "{good} good, {bad} bad");
 }
+
+/// `marrow model` describes a file from its tensors and config without touching a GPU (an
+/// adapter that does not exist is not an error here), in JSON and text; a file that is not a
+/// model is an error naming it.
+#[test]
+fn model_cli_describes_a_file_without_a_gpu() {
+    let out = marrow_cmd()
+        .args([
+            "--adapter",
+            "no-such-adapter",
+            "model",
+            "--json",
+            "--weights",
+        ])
+        .arg(SEEDED)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bytes = std::fs::read(SEEDED).unwrap();
+    assert_eq!(d["sha256"], marrow::count::sha256_hex(&bytes));
+    assert_eq!(d["classes"], serde_json::json!(["WBC", "RBC", "platelet"]));
+    assert_eq!(d["backbone"], "resnet50");
+    assert_eq!(d["fpn_width"], 64);
+    assert_eq!(d["representation_size"], 1024);
+    assert_eq!(d["anchors_per_location"], 3);
+    assert_eq!(d["config"]["transform"]["min_size"], 160);
+    assert_eq!(
+        d["config"]["rpn"]["anchor_sizes"],
+        serde_json::json!([32.0, 64.0, 128.0, 256.0, 512.0])
+    );
+    // Tensor and parameter counts are those of the seed spec the file carries.
+    let ws = Model::open(Path::new(SEEDED)).unwrap().weights;
+    let shapes: Vec<Vec<usize>> = ws.names().map(|n| ws.shape(n).unwrap().to_vec()).collect();
+    assert_eq!(d["tensors"], shapes.len());
+    assert_eq!(
+        d["parameters"],
+        shapes
+            .iter()
+            .map(|s| s.iter().product::<usize>())
+            .sum::<usize>()
+    );
+
+    let out = marrow_cmd()
+        .args(["model", "--weights", SEEDED])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    for want in [
+        "resnet50 + FPN 64, box head 1024",
+        "aspect ratios 0.5 / 1 / 2 (3 per location)",
+        "short side 160 (long side ≤ 700)",
+        "classes         WBC, RBC, platelet",
+    ] {
+        assert!(text.contains(want), "{want:?} not in:\n{text}");
+    }
+
+    let out = marrow_cmd()
+        .args(["model", "--weights", "README.md"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("README.md"), "{err}");
+}

@@ -107,6 +107,29 @@ fn builtin_model_matches_torchvision_on_the_bundled_examples() {
     eprintln!("{matched}/{reference} torchvision detections matched");
 }
 
+/// The built-in model describes itself as the model card says: the compact configuration.
+#[cfg(feature = "builtin-model")]
+#[test]
+fn builtin_model_description() {
+    let d = Model::builtin().unwrap().unwrap().describe().unwrap();
+    assert_eq!(d.info.file, "builtin:marrow-txlpbc-compact.safetensors");
+    assert_eq!(d.info.classes, ["WBC", "RBC", "platelet"]);
+    assert_eq!(
+        (d.backbone.as_str(), d.fpn_width, d.representation_size),
+        ("resnet18", 128, 256)
+    );
+    assert_eq!(
+        (d.config.transform.min_size, d.config.transform.max_size),
+        (384, 640)
+    );
+    assert_eq!(d.info.field, Some(480));
+    assert!(
+        d.config.refine.is_none(),
+        "the built-in model is the plain detector"
+    );
+    assert_eq!(d.anchors_per_location, d.config.rpn.aspect_ratios.len());
+}
+
 /// Local check of any model against a fixture made for it (not run in CI):
 /// `MARROW_PARITY_WEIGHTS=W MARROW_PARITY_FIXTURE=F cargo test --test default_model -- --ignored`.
 #[test]

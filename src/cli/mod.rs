@@ -1,3 +1,4 @@
 pub mod count;
 pub mod eval;
+pub mod model;
 pub mod serve;

@@ -173,6 +173,55 @@ mod builtin {
     }
 }
 
+/// What a model file is, read from its tensors and config without a GPU (`marrow model`): the
+/// provenance of [`ModelInfo`], the architecture the tensors describe, and the config that shapes
+/// its detections.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelDescription {
+    #[serde(flatten)]
+    pub info: ModelInfo,
+    /// "resnet18" … "resnet101" (or a description of a non-standard depth).
+    pub backbone: String,
+    pub fpn_width: usize,
+    /// Box-head MLP width (`roi_heads.box_head.fc6` rows).
+    pub representation_size: usize,
+    /// RPN head outputs per location (= the config's aspect ratios).
+    pub anchors_per_location: usize,
+    pub tensors: usize,
+    pub parameters: usize,
+    /// The whole configuration: transform sizes, anchors, RPN and box-head thresholds, refine.
+    pub config: crate::model::config::ModelConfig,
+}
+
+impl Model {
+    /// The model's architecture and configuration. Errors name the file when a tensor the
+    /// description needs is missing.
+    pub fn describe(&self) -> Result<ModelDescription> {
+        let ws = &self.weights;
+        let arch = crate::model::backbone::BackboneArch::infer(ws)?;
+        let rows = |name: &str| {
+            ws.shape(name).map(|s| s[0]).ok_or_else(|| Error::Weights {
+                path: ws.source.clone(),
+                message: format!("tensor {name} is missing"),
+            })
+        };
+        let (tensors, parameters) = ws
+            .names()
+            .filter_map(|n| ws.shape(n))
+            .fold((0, 0), |(t, p), s| (t + 1, p + s.iter().product::<usize>()));
+        Ok(ModelDescription {
+            info: self.info.clone(),
+            backbone: arch.name(),
+            fpn_width: arch.fpn_channels,
+            representation_size: rows("roi_heads.box_head.fc6.weight")?,
+            anchors_per_location: rows("rpn.head.cls_logits.weight")?,
+            tensors,
+            parameters,
+            config: ws.config.clone(),
+        })
+    }
+}
+
 /// SHA-256 of bytes as lower-case hex (model identity in provenance).
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
