@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use common::*;
 use marrow::gpu::{Dispatch, Gpu, GpuOptions};
-use marrow::model::stages::{BackboneNet, BackboneStage};
+use marrow::model::stages::{BackboneNet, BackboneStage, Stage};
 use serde_json::{json, Value};
 
 const IMAGE: (usize, usize) = (480, 640);

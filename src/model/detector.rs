@@ -13,7 +13,9 @@ use super::config::ModelConfig;
 use super::graph::Graph;
 use super::heads::{BoxMlp, RpnHead};
 use super::refine::{RefineDebug, RefineHead, RefineInput, RefineStage};
-use super::stages::{BackboneNet, BackboneStage, BoxHeadStage, PlanCache, RefineSegment, RpnStage};
+use super::stages::{
+    BackboneNet, BackboneStage, BoxHeadStage, PlanCache, RefineSegment, RpnStage, Stage,
+};
 pub use super::stages::{Staged, MAX_BOX_CANDIDATES, MAX_PLANS, STAGES};
 use super::weights::WeightStore;
 use super::ImageF32;

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Nhwc, Tensor};
 use crate::ops::transform::TransformSizes;
 use backbone::{BackboneArch, BackboneBuilder};
-use stages::{BackboneNet, BackboneStage, PlanCache};
+use stages::{BackboneNet, BackboneStage, PlanCache, Stage};
 use weights::WeightStore;
 
 /// An RGB image as the model takes it: planar [3, H, W] f32 in [0, 1] (uint8 / 255).

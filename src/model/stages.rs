@@ -309,18 +309,6 @@ impl BackboneStage {
         let l = self.levels();
         [l[0], l[1], l[2], l[3]]
     }
-
-    pub fn bytes(&self) -> u64 {
-        self.ledger.total()
-    }
-
-    pub fn ledger(&self) -> &Ledger {
-        &self.ledger
-    }
-
-    pub fn segment(&self) -> &Segment {
-        &self.segment
-    }
 }
 
 /// RPN head + proposals for one input size: the head's graph plan, top-k / decode / filter
@@ -455,18 +443,6 @@ impl RpnStage {
             .filter_map(|l| self.head.output(&format!("rpn.objectness.{l}")))
             .map(|t| t.shape.len())
             .sum()
-    }
-
-    pub fn bytes(&self) -> u64 {
-        self.ledger.total()
-    }
-
-    pub fn ledger(&self) -> &Ledger {
-        &self.ledger
-    }
-
-    pub fn segment(&self) -> &Segment {
-        &self.segment
     }
 }
 
@@ -637,18 +613,6 @@ impl BoxHeadStage {
     pub fn output(&self, name: &str) -> &Tensor {
         self.mlp.output(name).expect("mlp output")
     }
-
-    pub fn bytes(&self) -> u64 {
-        self.ledger.total()
-    }
-
-    pub fn ledger(&self) -> &Ledger {
-        &self.ledger
-    }
-
-    pub fn segment(&self) -> &Segment {
-        &self.segment
-    }
 }
 
 /// The refinement head's stage for one input size ([`RefineStage`] owns its buffers and records
@@ -695,17 +659,41 @@ impl RefineSegment {
         }
         Ok(RefineSegment { stage, segment })
     }
+}
 
-    /// The refinement stage's buffers ([`RefineStage::bytes`]).
-    pub fn bytes(&self) -> u64 {
-        self.stage.bytes()
+/// What every stage of a plan reports: the buffers it allocated (by label) and the dispatches it
+/// recorded, tagged with the stage. `build_plan` and `plan_bytes` go through this, so a new stage
+/// is counted and run as soon as it implements it.
+pub trait Stage {
+    fn ledger(&self) -> &Ledger;
+    fn segment(&self) -> &Segment;
+    /// Bytes of every buffer the stage allocated.
+    fn bytes(&self) -> u64 {
+        self.ledger().total()
     }
+}
 
-    pub fn ledger(&self) -> &Ledger {
+/// The stages whose ledger and segment are their own fields.
+macro_rules! stage_with_own_books {
+    ($($t:ty),*) => {$(
+        impl Stage for $t {
+            fn ledger(&self) -> &Ledger {
+                &self.ledger
+            }
+            fn segment(&self) -> &Segment {
+                &self.segment
+            }
+        }
+    )*};
+}
+stage_with_own_books!(BackboneStage, RpnStage, BoxHeadStage);
+
+/// The refinement stage keeps its own ledger; the segment adds the detector's gather in front.
+impl Stage for RefineSegment {
+    fn ledger(&self) -> &Ledger {
         &self.stage.ledger
     }
-
-    pub fn segment(&self) -> &Segment {
+    fn segment(&self) -> &Segment {
         &self.segment
     }
 }
