@@ -6,25 +6,20 @@
 
 mod common;
 
-use common::{gpu, Rng};
+use common::{conv_case, gpu, ConvCase, Rng};
 use marrow::cpu;
 use marrow::gpu::{Nhwc, Tensor};
 use marrow::ops::conv::{Conv2d, ConvTile, Residual};
 
 fn check(rng: &mut Rng, op: Conv2d, xs: Nhwc, res_hw: Option<(usize, usize)>) {
     let g = gpu();
-    let x = rng.vec(xs.len(), -1.0, 1.0);
-    let w = rng.vec(op.cout * op.k(), -1.0, 1.0);
-    let b = rng.vec(op.cout, -1.0, 1.0);
-    let os = op.out_shape(xs).unwrap();
-    let rs = res_hw.map(|(h, w)| Nhwc::new(os.n, h, w, os.c));
-    let r = rs.map(|s| rng.vec(s.len(), -1.0, 1.0));
-    let (want, _) = cpu::conv2d(&op, &x, xs, &w, &b, r.as_deref().zip(rs));
-    let xt = Tensor::from_host(g, "x", xs, &x).unwrap();
-    let wt = op.upload(g, "conv", &w, &b).unwrap();
-    let rt = r
-        .as_ref()
-        .map(|r| Tensor::from_host(g, "res", rs.unwrap(), r).unwrap());
+    let ConvCase {
+        os,
+        want,
+        x: xt,
+        w: wt,
+        res: rt,
+    } = conv_case(rng, &op, xs, res_hw);
     for kernel in ConvTile::ALL {
         let yt = Tensor::new(g, "y", os).unwrap();
         let d = op

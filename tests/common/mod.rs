@@ -4,7 +4,8 @@
 
 use std::sync::OnceLock;
 
-use marrow::gpu::{Gpu, GpuOptions};
+use marrow::gpu::{Gpu, GpuOptions, Nhwc, Tensor};
+use marrow::ops::conv::{Conv2d, ConvWeights};
 
 pub fn gpu() -> &'static Gpu {
     static GPU: OnceLock<Gpu> = OnceLock::new();
@@ -73,5 +74,35 @@ pub fn residual_hw(
             1 => (os.h, os.w),
             _ => (rng.range(1, os.h + 3), rng.range(1, os.w + 3)),
         }),
+    }
+}
+
+/// One random convolution case on the GPU: inputs, weights and an optional residual of source
+/// size `res_hw` drawn in [-1, 1], uploaded, with the CPU reference output `want` of shape `os`.
+pub struct ConvCase {
+    pub os: Nhwc,
+    pub want: Vec<f32>,
+    pub x: Tensor,
+    pub w: ConvWeights,
+    pub res: Option<Tensor>,
+}
+
+pub fn conv_case(rng: &mut Rng, op: &Conv2d, xs: Nhwc, res_hw: Option<(usize, usize)>) -> ConvCase {
+    let g = gpu();
+    let x = rng.vec(xs.len(), -1.0, 1.0);
+    let w = rng.vec(op.cout * op.k(), -1.0, 1.0);
+    let b = rng.vec(op.cout, -1.0, 1.0);
+    let os = op.out_shape(xs).unwrap();
+    let rs = res_hw.map(|(h, w)| Nhwc::new(os.n, h, w, os.c));
+    let r = rs.map(|s| rng.vec(s.len(), -1.0, 1.0));
+    let (want, _) = marrow::cpu::conv2d(op, &x, xs, &w, &b, r.as_deref().zip(rs));
+    ConvCase {
+        os,
+        want,
+        x: Tensor::from_host(g, "x", xs, &x).unwrap(),
+        w: op.upload(g, "conv", &w, &b).unwrap(),
+        res: r
+            .as_ref()
+            .map(|r| Tensor::from_host(g, "res", rs.unwrap(), r).unwrap()),
     }
 }
