@@ -13,7 +13,7 @@ once (FPN levels '0'..'3' in f16, resized / original size, the box head's detect
 coords with labels, scores and the TwoMLPHead features of their proposals (proposal index
 recovered by refine.postprocess_with_index), the ground truth scaled to resized coords), so that
 epochs never rerun the backbone; last.pt (head, optimiser, phase, epoch, position, permutation,
-RNG states; every epoch and every --ckpt-minutes), best.pt (best val AP), train.log,
+RNG states; every epoch and every --ckpt-minutes), best.pt (best val AP, or with --select count the best worst-class count error), train.log,
 metrics.jsonl. --resume continues where last.pt stopped (mid-epoch included).
 
 Training, per image, all its detections at once (CPU, torch.set_num_threads(2),
@@ -45,6 +45,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -277,7 +278,24 @@ def evaluate(head, val, cache_dir, n, names, threshold=0.7):
             m["per_class"].setdefault(nm, {})["count_mae"] = float(np.abs(counts[r][:, j] - cgt[:, j]).mean())
         res[r] = m
     res["images"], res["threshold"] = n, threshold
+    res["count_ratio"] = count_ratio(res, names)
     return res
+
+
+def count_ratio(ev: dict, names) -> float:
+    """The head's worst class, as a multiple of the detector's count error: max over classes of
+    count MAE (detector + head) / count MAE (detector alone). Below 1 the head counts every class
+    better than the detector — the model card's condition for shipping a head."""
+    worst = 0.0
+    for nm in names:
+        d, h = ev["detector"]["per_class"][nm]["count_mae"], ev["detector+head"]["per_class"][nm]["count_mae"]
+        worst = max(worst, h / d if d > 0 else (1.0 if h == 0 else math.inf))
+    return worst
+
+
+def selection_score(ev: dict, select: str) -> float:
+    """Larger is better: val AP (`--select ap`) or minus the count ratio (`--select count`)."""
+    return ev["detector+head"]["AP"] if select == "ap" else -ev["count_ratio"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +342,7 @@ def run(a):
     build_cache(model, val, cva, nva, log)
     head = make_head(arch, a)
     opt = torch.optim.Adam(head.parameters(), lr=a.lr)
-    phase, epoch, pos, perm, best = "sup", 0, 0, None, -1.0
+    phase, epoch, pos, perm, best = "sup", 0, 0, None, None  # best: selection score of best.pt
     gen = torch.Generator().manual_seed(a.seed)
     if state is not None:
         head.load_state_dict(state["head"])
@@ -387,13 +405,16 @@ def run(a):
         rec = {"phase": phase, "epoch": epoch, "val": ev, "minutes": (time.time() - t_start) / 60}
         with open(os.path.join(a.work_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
+        maes = " / ".join(f"{ev['detector+head']['per_class'][nm]['count_mae']:.3f}" for nm in names)
         log(f"val {phase} epoch {epoch}: detector AP {ev['detector']['AP']:.4f} AP50 {ev['detector']['AP50']:.4f}; "
-            f"detector+head AP {ap:.4f} AP50 {ev['detector+head']['AP50']:.4f} AP75 {ev['detector+head']['AP75']:.4f}")
-        if ap > best:
-            best = ap
+            f"detector+head AP {ap:.4f} AP50 {ev['detector+head']['AP50']:.4f} AP75 {ev['detector+head']['AP75']:.4f}; "
+            f"count MAE {maes}, count ratio {ev['count_ratio']:.3f}")
+        score = selection_score(ev, a.select)
+        if best is None or score > best:
+            best = score
             save_atomic({"head": head.state_dict(), "refine_config": head.config(), "arch": arch, "val": ev,
-                         "phase": phase, "epoch": epoch}, os.path.join(a.work_dir, "best.pt"))
-            log(f"best.pt: AP {ap:.4f}")
+                         "phase": phase, "epoch": epoch, "select": a.select}, os.path.join(a.work_dir, "best.pt"))
+            log(f"best.pt ({a.select}): AP {ap:.4f}, count ratio {ev['count_ratio']:.3f}")
         epoch, pos, perm = epoch + 1, 0, None
         checkpoint("(epoch end)")
         last_ckpt = time.time()
@@ -463,6 +484,9 @@ def main(argv=None):
     ap.add_argument("--time-budget", type=float, help="minutes; checkpoint and stop when reached")
     ap.add_argument("--ckpt-minutes", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--select", choices=["ap", "count"], default="ap",
+                    help="which epoch best.pt keeps: the best val AP, or the best worst-class count error "
+                         "relative to the detector alone (count MAE at 0.7; below 1 = better on every class)")
     ap.add_argument("--resume", action="store_true")
     a = ap.parse_args(argv)
     if not a.resume and not a.weights:
