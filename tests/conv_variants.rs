@@ -6,28 +6,31 @@
 
 mod common;
 
-use common::{conv_case, gpu, ConvCase, Rng};
+use common::{conv_case, gpu, Rng};
 use marrow::cpu;
 use marrow::gpu::{Nhwc, Tensor};
 use marrow::ops::conv::{Conv2d, ConvTile, Residual};
 
 fn check(rng: &mut Rng, op: Conv2d, xs: Nhwc, res_hw: Option<(usize, usize)>) {
     let g = gpu();
-    let ConvCase {
-        os,
-        want,
-        x: xt,
-        w: wt,
-        res: rt,
-    } = conv_case(rng, &op, xs, res_hw);
+    let c = conv_case(rng, &op, xs, res_hw);
+    let os = c.os;
     for kernel in ConvTile::ALL {
         let yt = Tensor::new(g, "y", os).unwrap();
         let d = op
-            .encode_with(g, kernel, "conv under test", &xt, &wt, rt.as_ref(), &yt)
+            .encode_with(
+                g,
+                kernel,
+                "conv under test",
+                &c.x,
+                &c.w,
+                c.res.as_ref(),
+                &yt,
+            )
             .unwrap();
         g.run("conv variant test", [&d]).unwrap();
         let got = yt.read(g).unwrap();
-        let d = cpu::diff(&got, &want);
+        let d = cpu::diff(&got, &c.want);
         eprintln!(
             "{kernel:?} conv {:?} x{xs} res{res_hw:?} -> {os}: max_abs {:.2e} rel {:.2e}",
             (

@@ -539,15 +539,17 @@ fn model_cli_describes_a_file_without_a_gpu() {
         d["config"]["rpn"]["anchor_sizes"],
         serde_json::json!([32.0, 64.0, 128.0, 256.0, 512.0])
     );
-    // Tensor and parameter counts are those of the seed spec the file carries.
-    let ws = Model::open(Path::new(SEEDED)).unwrap().weights;
-    let shapes: Vec<Vec<usize>> = ws.names().map(|n| ws.shape(n).unwrap().to_vec()).collect();
-    assert_eq!(d["tensors"], shapes.len());
+    // Tensor and parameter counts are those of the seed spec the file carries (its metadata,
+    // independent of the weight store that `describe` reads).
+    let dump = marrow::validate::RefDump::open(Path::new(SEEDED)).unwrap();
+    let spec =
+        marrow::seedgen::SeedSpec::from_json(&dump.metadata[marrow::seedgen::SEEDGEN_KEY]).unwrap();
+    assert_eq!(d["tensors"], spec.tensors.len());
     assert_eq!(
         d["parameters"],
-        shapes
+        spec.tensors
             .iter()
-            .map(|s| s.iter().product::<usize>())
+            .map(|(_, s)| s.iter().product::<usize>())
             .sum::<usize>()
     );
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{conv_case, gpu, ConvCase, Rng};
+use common::{conv_case, gpu, Rng};
 use marrow::cpu;
 use marrow::gpu::{Nhwc, Tensor};
 use marrow::ops::conv::{Conv2d, Residual};
@@ -13,22 +13,17 @@ use marrow::ops::transform::{self, TransformSizes};
 
 fn run_conv_case(rng: &mut Rng, op: Conv2d, xs: Nhwc, res_hw: Option<(usize, usize)>) {
     let g = gpu();
-    let ConvCase {
-        os,
-        want,
-        x: xt,
-        w: wt,
-        res: rt,
-    } = conv_case(rng, &op, xs, res_hw);
+    let c = conv_case(rng, &op, xs, res_hw);
+    let os = c.os;
     let yt = Tensor::new(g, "y", os).unwrap();
     let d = op
-        .encode(g, "conv under test", &xt, &wt, rt.as_ref(), &yt)
+        .encode(g, "conv under test", &c.x, &c.w, c.res.as_ref(), &yt)
         .unwrap();
     let t = std::time::Instant::now();
     g.run("conv test", [&d]).unwrap();
     let secs = t.elapsed().as_secs_f64();
     let got = yt.read(g).unwrap();
-    let d = cpu::diff(&got, &want);
+    let d = cpu::diff(&got, &c.want);
     eprintln!(
         "conv {:?} x{} res{:?} -> {}: max_abs {:.2e} rel {:.2e} ({:.2} GFLOP/s)",
         (op.kh, op.stride, op.pad, op.cin, op.cout, op.relu),

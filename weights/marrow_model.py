@@ -409,7 +409,7 @@ def anchor_generator(cfg: dict):
 
 
 def check_config_vs_arch(cfg: dict, arch: dict):
-    a, ratios = arch.get("anchors", 3), cfg["rpn"]["aspect_ratios"]
+    a, ratios = arch["anchors"], cfg["rpn"]["aspect_ratios"]
     if a != len(ratios):
         raise MarrowError(f"rpn.head.cls_logits has {a} anchors per location but rpn.aspect_ratios {ratios} "
                           f"makes {len(ratios)}: give the checkpoint's AnchorGenerator aspect ratios "
